@@ -1,0 +1,397 @@
+"""Typed run configuration: one dataclass per section, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/x.yaml", ["train.lr=1e-4", "sampling.noise_level=0.8"])
+
+Loading goes through OmegaConf structured configs (types, conversion, interpolation); on top of that
+flowalign checks every key against the schema first (so a typo names the nearest valid key), then
+value ranges and cross-field combinations. Every user mistake raises ``ConfigError`` (a ValueError)
+whose one-line message names the key and the fix.
+
+Every field carries its help text in ``metadata["help"]``; ``describe()`` lists them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "Config", "ModelConfig", "SamplingConfig", "TrainConfig", "RewardSpec", "EvalConfig", "RunConfig",
+    "ConfigError", "load_config", "to_yaml", "save_config", "describe",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key and how to fix it."""
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a one-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+FLOW_GRPO_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]
+
+
+@dataclass
+class ModelConfig:
+    family: str = _f("sd3", "model family: sd3 (SD3/SD3.5), flux (FLUX.1-dev/schnell), sd_turbo, sdxl_turbo",
+                     choices=("sd3", "flux", "sd_turbo", "sdxl_turbo"))
+    path: str = _f("stabilityai/stable-diffusion-3.5-medium", "hub id or local diffusers pipeline folder")
+    revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of `path`")
+    variant: Optional[str] = _f(None, "weight variant to load, e.g. fp16")
+    dtype: str = _f("bfloat16", "dtype of the frozen base weights", choices=("float32", "bfloat16", "float16"))
+    device: str = _f("auto", "device: auto (the accelerator of this process, else cpu), cpu, cuda, cuda:1, ...")
+    train_mode: str = _f("lora", "what is trained: lora adapters, full weights, or none (inference only)",
+                         choices=("lora", "full", "none"))
+    lora_rank: int = _f(32, "LoRA rank r (Flow-GRPO: 32)", min=1)
+    lora_alpha: float = _f(64.0, "LoRA alpha; the update is scaled by alpha/r (Flow-GRPO: 64)", gt=0)
+    lora_targets: list[str] = _f(FLOW_GRPO_LORA_TARGETS, "module-name suffixes that get LoRA adapters")
+    lora_init_path: Optional[str] = _f(None, "existing LoRA adapter folder to start from (diffusers format)")
+    gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward to save memory")
+    attention_backend: str = _f("sdpa", "attention kernel: sdpa (PyTorch) or xformers (needs the gpu extra)",
+                                choices=("sdpa", "xformers"))
+    compile: bool = _f(False, "torch.compile the transformer")
+    offload_text_encoders: bool = _f(False, "move text encoders to CPU after encoding (embeddings are cached)")
+    cache_text_embeddings: bool = _f(True, "encode each distinct prompt once and reuse the embeddings")
+    max_sequence_length: int = _f(256, "T5 token length (SD3 with T5, FLUX)", min=1)
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = _f(10, "denoising steps per training rollout", min=1)
+    shift: Optional[float] = _f(None, "schedule shift s (sigma' = s*sigma/(1+(s-1)*sigma)); null = the "
+                                      "model scheduler's own value", gt=0)
+    guidance_scale: float = _f(4.5, "classifier-free guidance scale (FLUX.1-dev: the embedded guidance)", min=0)
+    height: int = _f(512, "image height in pixels", min=8)
+    width: int = _f(512, "image width in pixels", min=8)
+    sde_kind: str = _f("flow_grpo", "stochastic step: flow_grpo (Flow-GRPO SDE), dance (DanceGRPO, constant "
+                                    "diffusion), cps (coefficients-preserving)",
+                       choices=("flow_grpo", "dance", "cps"))
+    noise_level: float = _f(0.7, "SDE noise level a (flow_grpo: sigma_t=a*sqrt(t/(1-t)); dance: eta; "
+                                 "cps: s=t_next*sin(a*pi/2))", min=0)
+    plan: str = _f("full", "which steps are SDE and trained: full, window, random_window, "
+                           "progressive_window (MixGRPO), branching (TempFlow-GRPO)",
+                   choices=("full", "window", "random_window", "progressive_window", "branching"))
+    include_last_step: bool = _f(True, "full plan: also make the last step (into sigma=0) SDE; must be "
+                                       "false for cps, whose last step is deterministic")
+    window_size: int = _f(2, "window plans: number of consecutive SDE steps", min=1)
+    window_start: int = _f(0, "window: first SDE step; progressive_window: starting position", min=0)
+    window_range: list[int] = _f([0, 3], "random_window: [low, high] range of the window start (inclusive)")
+    window_shift_interval: int = _f(25, "progressive_window: iterations between window moves", min=1)
+    window_stride: int = _f(1, "progressive_window: steps the window moves each time", min=0)
+    branch_steps: list[int] = _f([1, 3, 5], "branching: steps where K SDE branches start from the ODE trunk")
+    num_branches: int = _f(4, "branching: branches K per branch step", min=1)
+    share_group_noise: bool = _f(False, "all images of a prompt's group start from the same noise")
+    eval_num_steps: int = _f(40, "denoising steps of evaluation sampling (ODE)", min=1)
+
+
+@dataclass
+class TrainConfig:
+    prompts: str = _f("prompts/demo.txt", "training prompt file: .txt (one per line) or .jsonl with 'prompt'")
+    group_size: int = _f(16, "images per prompt (G); advantages are normalized within a group", min=2)
+    prompts_per_iteration: int = _f(8, "prompt groups sampled per iteration, over all processes", min=1)
+    num_iterations: int = _f(1000, "training iterations (rollout + update)", min=1)
+    micro_batch_size: int = _f(4, "samples per forward/backward, per process", min=1)
+    lr: float = _f(3e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0 = off)", min=0)
+    clip_range: float = _f(1e-4, "PPO ratio clip epsilon (for element-averaged log-probs)", gt=0)
+    adv_clip_max: float = _f(5.0, "advantages clipped to [-max, max]", gt=0)
+    kl_beta: float = _f(0.04, "coefficient of the KL to the reference model (0 = off)", min=0)
+    num_inner_epochs: int = _f(1, "passes over each iteration's rollouts", min=1)
+    timestep_fraction: float = _f(1.0, "fraction of recorded steps trained per sample", gt=0, max=1)
+    timestep_weighting: str = _f("uniform", "per-step loss weight: uniform, or noise_aware (TempFlow-GRPO, "
+                                            "proportional to the step's noise scale)",
+                                 choices=("uniform", "noise_aware"))
+    shuffle_timesteps: bool = _f(True, "visit recorded steps in random order during the update")
+    std_mode: str = _f("per_prompt", "advantage std: per_prompt group std or global batch std",
+                       choices=("per_prompt", "global"))
+    reward_normalization: str = _f("sum_then_normalize", "multi-reward: sum_then_normalize, or "
+                                   "per_reward (normalize each reward, then weighted sum; GDPO-style)",
+                                   choices=("sum_then_normalize", "per_reward"))
+    ema: bool = _f(False, "keep an EMA of the trainable weights")
+    ema_decay: float = _f(0.9, "EMA decay per update", min=0, max=1)
+    mixed_precision: str = _f("bf16", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+
+
+@dataclass
+class RewardSpec:
+    name: str = _f(MISSING, "registered reward name, or a dotted path 'package.module:callable'")
+    weight: float = _f(1.0, "weight in the reward sum")
+    args: dict[str, Any] = _f({}, "keyword arguments of the reward factory (model paths, device, ...)")
+
+
+@dataclass
+class EvalConfig:
+    prompts: Optional[str] = _f(None, "held-out prompt file evaluated with ODE sampling (null = no eval)")
+    every: int = _f(50, "evaluate every N iterations", min=1)
+    num_images: int = _f(1, "images per eval prompt (fixed seeds)", min=1)
+    seed: int = _f(1234, "seed of the evaluation noise")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("runs/default", "folder for config, metrics, checkpoints and images")
+    seed: int = _f(0, "global seed")
+    save_every: int = _f(50, "checkpoint every N iterations", min=1)
+    log_every: int = _f(1, "log metrics every N iterations", min=1)
+    tracker: str = _f("tensorboard", "experiment tracker", choices=("tensorboard", "wandb", "none"))
+    resume: bool = _f(True, "resume from the latest checkpoint in output_dir when one exists")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the flow model and its adapters"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "rollout sampling"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "GRPO optimisation"})
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec(name="jpeg_compressibility")],
+        metadata={"help": "pointwise rewards, summed with their weights"},
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "outputs and bookkeeping"})
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _nearest(key: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if not close:
+        return ""
+    return f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+
+
+def _section_type(tp):
+    """The dataclass behind a field type, list element dataclass, or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp, False
+    args = getattr(tp, "__args__", ())
+    if getattr(tp, "__origin__", None) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0], True
+    return None, False
+
+
+def _check_keys(data, cls, prefix: str) -> None:
+    """Every key of ``data`` must be a field of dataclass ``cls`` (recursively)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping of keys, got {type(data).__name__}")
+    fields = _fields(cls)
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{path}'{_nearest(str(key), fields, prefix)} "
+                f"(valid keys{' in ' + prefix if prefix else ''}: {', '.join(fields)})"
+            )
+        sub, is_list = _section_type(_resolve(cls, key))
+        if sub is None or value is None:
+            continue
+        if is_list:
+            if not isinstance(value, list):
+                raise ConfigError(f"config key '{path}' must be a list of mappings, got {type(value).__name__}")
+            for i, item in enumerate(value):
+                _check_keys(item, sub, f"{path}[{i}]")
+        else:
+            _check_keys(value, sub, path)
+
+
+def _resolve(cls, key):
+    import typing
+
+    return typing.get_type_hints(cls)[key]
+
+
+def _parse_overrides(overrides) -> dict:
+    items = []
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.lr=1e-4)")
+        items.append(o)
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"could not parse overrides {items}: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path} (give a path to a YAML file, e.g. configs/check_sampler.yaml)")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # yaml.YAMLError and OmegaConf errors carry line numbers in their text
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, sampling:, ...)")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=(), validate: bool = True) -> Config:
+    """Defaults ← YAML file ← ``key=value`` overrides, type-checked and validated."""
+    layers = [_read_yaml(os.fspath(path))] if path is not None else []
+    layers.append(_parse_overrides(overrides))
+    for layer in layers:
+        _check_keys(layer, Config, "")
+    merged = OmegaConf.structured(Config)
+    try:
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _typed_error(e) from None
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def _typed_error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    first = str(e).splitlines()[0]
+    if "issing mandatory value" in first:
+        return ConfigError(f"config key '{key}' is required; set it in the YAML file or with an override")
+    return ConfigError(f"config key '{key}': {first}; fix the value in the YAML file or the override")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation: ranges and choices from field metadata, then combinations
+
+
+def _check_ranges(obj, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        meta = f.metadata
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, path)
+            continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_ranges(item, f"{path}[{i}]")
+            continue
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(
+                f"config key '{path}' is {value!r}{_nearest(str(value), meta['choices'])} "
+                f"(choose one of: {', '.join(meta['choices'])})"
+            )
+        for bound, ok, word in (("min", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                                ("max", lambda v, b: v <= b, "<=")):
+            if bound in meta and not ok(value, meta[bound]):
+                raise ConfigError(f"config key '{path}' must be {word} {meta[bound]}, got {value}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Value ranges, choices and impossible combinations; raises ConfigError."""
+    _check_ranges(cfg, "")
+    s, t = cfg.sampling, cfg.train
+    n = s.num_steps
+    if s.plan in ("window", "random_window", "progressive_window") and s.window_size > n:
+        raise ConfigError(
+            f"sampling.window_size={s.window_size} exceeds sampling.num_steps={n}; lower the window or add steps"
+        )
+    if s.plan == "window" and s.window_start + s.window_size > n:
+        raise ConfigError(
+            f"sampling.window_start={s.window_start} + window_size={s.window_size} runs past num_steps={n}; "
+            f"use window_start <= {n - s.window_size}"
+        )
+    if s.plan == "random_window":
+        if len(s.window_range) != 2 or not 0 <= s.window_range[0] <= s.window_range[1] <= n - s.window_size:
+            raise ConfigError(
+                f"sampling.window_range={s.window_range} must be [low, high] with 0 <= low <= high <= "
+                f"num_steps - window_size = {n - s.window_size}"
+            )
+    if s.plan == "branching":
+        b = s.branch_steps
+        if not b or b != sorted(set(b)) or b[0] < 0 or b[-1] >= n:
+            raise ConfigError(
+                f"sampling.branch_steps={b} must be sorted, unique step indices in [0, {n - 1}]"
+            )
+    if s.sde_kind == "cps":
+        last_sde = (s.plan == "full" and s.include_last_step) or (
+            s.plan == "window" and s.window_start + s.window_size == n
+        ) or (s.plan == "branching" and s.branch_steps and s.branch_steps[-1] == n - 1)
+        if last_sde:
+            raise ConfigError(
+                "sampling.sde_kind=cps makes the last step (into sigma=0) deterministic, so it cannot be "
+                "trained; set sampling.include_last_step=false or keep windows/branches before the last step"
+            )
+    if s.sde_kind != "cps" and s.noise_level == 0:
+        raise ConfigError(
+            f"sampling.noise_level=0 makes the {s.sde_kind} SDE deterministic (no log-prob); use a value > 0"
+        )
+    if s.sde_kind == "cps" and s.noise_level > 1:
+        raise ConfigError("sampling.noise_level for cps is a fraction of pi/2 and must be <= 1")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas={t.adam_betas} must be two values in [0, 1)")
+    if cfg.model.train_mode == "none":
+        raise ConfigError("model.train_mode=none trains nothing; use lora or full for `train` configs")
+    if cfg.model.family in ("sd_turbo", "sdxl_turbo"):
+        raise ConfigError(
+            f"model.family={cfg.model.family} is a one-step UNet generator for noise optimization; "
+            "GRPO needs a flow model (sd3 or flux)"
+        )
+    if cfg.model.dtype == "float16" and t.mixed_precision == "bf16":
+        raise ConfigError("model.dtype=float16 with train.mixed_precision=bf16 mixes half types; pick one")
+    if not cfg.rewards:
+        raise ConfigError("rewards is empty; give at least one reward, e.g. rewards: [{name: clip}]")
+    for i, r in enumerate(cfg.rewards):
+        if not r.name:
+            raise ConfigError(f"rewards[{i}].name is empty; give a registered reward name")
+    if t.micro_batch_size > t.group_size * t.prompts_per_iteration:
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size} is larger than the images per iteration "
+            f"({t.group_size * t.prompts_per_iteration}); lower it"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field of the schema, for docs and ``config keys``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        sub, is_list = _section_type(_resolve(cls, f.name))
+        if sub is not None:
+            rows.extend(describe(sub, path + ("[]" if is_list else "")))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((path, repr(default), f.metadata.get("help", "")))
+    return rows
