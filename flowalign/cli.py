@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrars():
-    """``register(subparsers)`` functions of the library's parts."""
-    return []
+    """``register(subparsers)`` functions of the library's parts (each imports its heavy parts lazily)."""
+    from .pocket.cli import register as pocket
+    from .rewards.cli import register as rewards
+
+    return [pocket, rewards]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,142 @@
+"""The reward interface, the weighted multi-reward, and helpers shared by the reward families.
+
+A reward is a plain callable ``reward(images_BCHW, prompts, metadata) -> (scores_B, info)`` with
+two attributes, ``name`` and ``differentiable`` (ddpo-pytorch ``rewards.py`` style). Images are
+float tensors in [0, 1]; every reward does its preprocessing in torch on that tensor, so a
+differentiable reward passes gradients back to the pixels (noise optimization) and the same code
+scores rollouts under ``torch.no_grad()`` (GRPO).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """A pointwise reward: one score per image."""
+
+    name: str
+    differentiable: bool
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``images`` [B,3,H,W] in [0,1], ``prompts`` B strings -> (scores [B] float32, info)."""
+        ...
+
+
+class MultiReward:
+    """Weighted sum of rewards that keeps each reward's raw scores.
+
+    ``info["per_reward"][key]`` holds each reward's raw scores [B] and ``info["weights"][key]`` its
+    weight, so a trainer can normalize every reward separately before summing (GDPO-style) or use
+    the returned total (sum, then normalize). ``key`` is the reward's name; a name used twice gets
+    a ``#2``, ``#3``... suffix. ``info["info"][key]`` is that reward's own info dict.
+    """
+
+    def __init__(self, rewards: list[tuple[Reward, float]]):
+        if not rewards:
+            raise ValueError("MultiReward needs at least one (reward, weight) pair")
+        self.keys: list[str] = []
+        for reward, _ in rewards:
+            key, n = reward.name, 2
+            while key in self.keys:
+                key, n = f"{reward.name}#{n}", n + 1
+            self.keys.append(key)
+        self.rewards = [r for r, _ in rewards]
+        self.weights = [float(w) for _, w in rewards]
+        self.name = "+".join(self.keys)
+        self.differentiable = all(r.differentiable for r in self.rewards)
+
+    def __call__(self, images, prompts, metadata=None):
+        per_reward, infos = {}, {}
+        total = None
+        for key, reward, weight in zip(self.keys, self.rewards, self.weights):
+            scores, info = reward(images, prompts, metadata)
+            assert scores.shape == (images.shape[0],), f"reward {key} returned shape {tuple(scores.shape)}"
+            scores = scores.to(device=images.device, dtype=torch.float32)
+            per_reward[key], infos[key] = scores, info
+            total = weight * scores if total is None else total + weight * scores
+        info = {"per_reward": per_reward, "weights": dict(zip(self.keys, self.weights)), "info": infos}
+        return total, info
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}×{w:g}" for k, w in zip(self.keys, self.weights))
+        return f"MultiReward({parts})"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers for the model-backed rewards
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> the current CUDA device when there is one, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype from its name (``float32``, ``bfloat16``/``bf16``, ``float16``/``fp16``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_file(path_or_repo: str, filename: str) -> str:
+    """A local file: ``path_or_repo`` itself, ``path_or_repo/filename``, or a Hugging Face Hub
+    download of ``filename`` from the repo id ``path_or_repo``."""
+    if os.path.isfile(path_or_repo):
+        return path_or_repo
+    if os.path.isdir(path_or_repo):
+        path = os.path.join(path_or_repo, filename)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path_or_repo} is a folder without {filename}; pass the file's path instead")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(path_or_repo, filename)
+    except Exception as err:  # offline, unknown repo, missing file: all the same fix for the user
+        raise ValueError(
+            f"{path_or_repo!r} is not a local file or folder, and downloading {filename!r} from the hub "
+            f"repo {path_or_repo!r} failed ({type(err).__name__}: {err}). Download it where the hub is "
+            f"reachable and pass the local path."
+        ) from err
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no parameter gradients (gradients still flow to the inputs)."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class LinearMLPHead(nn.Module):
+    """The 768-1024-128-64-16-1 head of the LAION aesthetic predictor v2 (improved-aesthetic-predictor)
+    and of ImageReward: linear layers with dropout between the first ones and no activations.
+    Parameter names match both checkpoints (``layers.0``, ``.2``, ``.4``, ``.6``, ``.7``)."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2),
+            nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.layers(x_BD)

@@ -1,0 +1,245 @@
+"""``flowalign judge-server``: an OpenAI-compatible judge on loopback, backed by a local reward.
+
+Answers ``POST /v1/chat/completions`` in the formats ``flowalign.rewards.vlm`` reads, so the whole
+Pref-GRPO path (win rates from a VLM judge over HTTP) runs on one machine without a GPU:
+
+- two images -> pairwise: the local reward scores both, the reply is UnifiedReward-Think shaped,
+  ``<think>...</think><answer>Image 1 is better</answer>`` (Image 1 on an exact tie);
+- one image -> pointwise: ``Alignment/Coherence/Style Score (1-5): <score>`` with the local
+  reward's raw score (not rescaled to 1–5).
+
+The prompt is read back from the template (``「...」`` pairwise, ``Text Caption: [...]`` pointwise),
+else the whole text is used. ``GET /v1/models`` lists the one model. Faults can be injected for
+tests, drawn per request from a seeded generator: ``--error-rate`` (HTTP 500), ``--malformed-rate``
+(an answer without a verdict), ``--timeout-rate`` (sleep ``--timeout-sleep`` seconds before
+answering, past the client's timeout), and a fixed ``--delay`` on every request. With
+``--api-key-env NAME`` requests must carry ``Authorization: Bearer $NAME`` (else HTTP 401), to test
+a client's key set-up.
+
+The server binds 127.0.0.1 only. ``--port 0`` picks a free port; the first stdout line is
+``flowalign judge-server listening on http://127.0.0.1:PORT/v1``.
+
+    python -m flowalign.rewards.server --reward jpeg_incompressibility --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from .vlm import PAIRWISE_PROMPT_RE, POINTWISE_PROMPT_RE, decode_data_url
+
+HOST = "127.0.0.1"
+
+
+class JudgeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int, reward, model_name: str, delay: float = 0.0, error_rate: float = 0.0,
+                 malformed_rate: float = 0.0, timeout_rate: float = 0.0, timeout_sleep: float = 30.0,
+                 seed: int = 0, verbose: bool = False, api_key: str | None = None):
+        if error_rate + malformed_rate + timeout_rate > 1:
+            raise ValueError("error_rate + malformed_rate + timeout_rate must be <= 1")
+        super().__init__((HOST, port), JudgeHandler)
+        self.reward, self.model_name, self.verbose = reward, model_name, verbose
+        self._api_key = api_key
+        self.delay, self.timeout_sleep = delay, timeout_sleep
+        self.rates = (error_rate, malformed_rate, timeout_rate)
+        self._rng = random.Random(seed)
+        self._rng_lock, self._reward_lock = threading.Lock(), threading.Lock()
+        self.counts = {"requests": 0, "error": 0, "malformed": 0, "timeout": 0}
+
+    def draw_fault(self) -> str | None:
+        with self._rng_lock:
+            u = self._rng.random()
+            self.counts["requests"] += 1
+            fault = None
+            error, malformed, timeout = self.rates
+            if u < error:
+                fault = "error"
+            elif u < error + malformed:
+                fault = "malformed"
+            elif u < error + malformed + timeout:
+                fault = "timeout"
+            if fault:
+                self.counts[fault] += 1
+            return fault
+
+    def score(self, images: list[torch.Tensor], prompt: str) -> list[float]:
+        x = torch.stack(images)
+        with self._reward_lock, torch.no_grad():
+            scores, _ = self.reward(x, [prompt] * len(images), None)
+        return scores.float().cpu().tolist()
+
+
+def pairwise_answer(r1: float, r2: float) -> str:
+    better = 1 if r1 >= r2 else 2
+    return (f"<think>\n1. Local judge score: \n    Image 1 ({r1:.6g}) - scored by the local reward; \n"
+            f"    Image 2 ({r2:.6g}) - scored by the local reward\nTotal score:\nImage 1: {r1:.6g}\n"
+            f"Image 2: {r2:.6g}\n</think>\n<answer>Image {better} is better</answer>")
+
+
+def pointwise_answer(r: float) -> str:
+    return f"Alignment Score (1-5): {r:.6g}\nCoherence Score (1-5): {r:.6g}\nStyle Score (1-5): {r:.6g}"
+
+
+class JudgeHandler(BaseHTTPRequestHandler):
+    server: JudgeServer
+    server_version = "flowalign-judge"
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            sys.stderr.write("judge-server: " + fmt % args + "\n")
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout); nothing to do
+            pass
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+    def _authorized(self) -> bool:
+        key = self.server._api_key
+        if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+            self._error(401, "missing or wrong API key")
+            return False
+        return True
+
+    def do_GET(self):
+        if not self._authorized():
+            return
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [
+                {"id": self.server.model_name, "object": "model", "owned_by": "flowalign"}]})
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))  # read before any reply
+        if not self._authorized():
+            return
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._error(404, f"no route {self.path}")
+        try:
+            body = json.loads(raw)
+            content = body["messages"][-1]["content"]
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            images = [decode_data_url(part["image_url"]["url"]) for part in content if part["type"] == "image_url"]
+            text = "\n".join(part["text"] for part in content if part["type"] == "text")
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            return self._error(400, f"bad chat-completions request: {type(err).__name__}: {err}")
+        if len(images) not in (1, 2):
+            return self._error(400, f"send one image (pointwise) or two (pairwise), got {len(images)}")
+
+        fault = self.server.draw_fault()
+        if self.server.delay:
+            time.sleep(self.server.delay)
+        if fault == "error":
+            return self._error(500, "injected server error")
+        if fault == "timeout":
+            time.sleep(self.server.timeout_sleep)
+
+        pattern = PAIRWISE_PROMPT_RE if len(images) == 2 else POINTWISE_PROMPT_RE
+        m = pattern.search(text)
+        prompt = m.group(1) if m else text
+        try:
+            if len(images) == 2 and images[0].shape != images[1].shape:
+                scores = [self.server.score([img], prompt)[0] for img in images]
+            else:
+                scores = self.server.score(images, prompt)
+        except Exception as err:  # the local judge's fault is the client's server error, not a crash
+            return self._error(500, f"local judge failed: {type(err).__name__}: {err}")
+        answer = pairwise_answer(*scores) if len(images) == 2 else pointwise_answer(scores[0])
+        if fault == "malformed":
+            answer = "I am not able to compare these images."
+        self._send(200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.server.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        })
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward", default="jpeg_incompressibility",
+                   help="local judge: a registered pointwise reward or 'package.module:callable'")
+    p.add_argument("--reward-args", default="{}", help="JSON object of the reward factory's arguments")
+    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0 = any free port)")
+    p.add_argument("--model-name", default="flowalign-judge", help="model id reported by /v1/models")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds added to every request")
+    p.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests answered HTTP 500")
+    p.add_argument("--malformed-rate", type=float, default=0.0, help="fraction answered without a verdict")
+    p.add_argument("--timeout-rate", type=float, default=0.0,
+                   help="fraction that sleep --timeout-sleep seconds before answering")
+    p.add_argument("--timeout-sleep", type=float, default=30.0, help="seconds a timeout fault sleeps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
+    p.add_argument("--api-key-env", default=None,
+                   help="require 'Authorization: Bearer <key>' with the key read from this environment variable")
+    p.add_argument("--verbose", action="store_true", help="log every request on stderr")
+
+
+def make_server(args: argparse.Namespace) -> JudgeServer:
+    from .registry import build_reward
+
+    try:
+        reward_args = json.loads(args.reward_args)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--reward-args must be a JSON object: {err}") from err
+    if not isinstance(reward_args, dict):
+        raise ValueError("--reward-args must be a JSON object, e.g. '{\"device\": \"cpu\"}'")
+    for name in ("error_rate", "malformed_rate", "timeout_rate"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    reward = build_reward(args.reward, **reward_args)
+    return JudgeServer(args.port, reward, args.model_name, args.delay, args.error_rate, args.malformed_rate,
+                       args.timeout_rate, args.timeout_sleep, args.seed, args.verbose, api_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        server = make_server(args)
+    except ValueError as err:
+        print(f"flowalign judge-server: error: {err}", file=sys.stderr)
+        return 2
+    port = server.server_address[1]
+    print(f"flowalign judge-server listening on http://{HOST}:{port}/v1 "
+          f"(model {args.model_name}, reward {args.reward})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flowalign.rewards.server", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
