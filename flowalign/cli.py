@@ -12,11 +12,10 @@ Subcommands of other parts of the library register themselves through ``register
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from .config import ConfigError, describe, load_config, to_yaml
+from .io import atomic_write_json
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -94,16 +93,8 @@ def _cmd_check_sampler(ns) -> int:
             "true_mass": truth["mass"].tolist(), "sampled_mass": got["mass"].tolist(),
             "mean_err": mean_err.tolist(), "cov_err": cov_err.tolist(),
         }
-        _write_json(ns.out, report)
+        atomic_write_json(ns.out, report)
     return 0 if ok else 1
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

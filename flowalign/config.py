@@ -38,12 +38,6 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-FLOW_GRPO_LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-]
-
-
 @dataclass
 class ModelConfig:
     family: str = _f("sd3", "model family: sd3 (SD3/SD3.5), flux (FLUX.1-dev/schnell), sd_turbo, sdxl_turbo",
@@ -57,7 +51,9 @@ class ModelConfig:
                          choices=("lora", "full", "none"))
     lora_rank: int = _f(32, "LoRA rank r (Flow-GRPO: 32)", min=1)
     lora_alpha: float = _f(64.0, "LoRA alpha; the update is scaled by alpha/r (Flow-GRPO: 64)", gt=0)
-    lora_targets: list[str] = _f(FLOW_GRPO_LORA_TARGETS, "module-name suffixes that get LoRA adapters")
+    lora_targets: Optional[list[str]] = _f(None, "module-name suffixes that get LoRA adapters; null = the "
+                                                 "family's default (Flow-GRPO: attention q/k/v/out and the "
+                                                 "added-context projections)")
     lora_init_path: Optional[str] = _f(None, "existing LoRA adapter folder to start from (diffusers format)")
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward to save memory")
     attention_backend: str = _f("sdpa", "attention kernel: sdpa (PyTorch) or xformers (needs the gpu extra)",
@@ -124,7 +120,9 @@ class TrainConfig:
                                    choices=("sum_then_normalize", "per_reward"))
     ema: bool = _f(False, "keep an EMA of the trainable weights")
     ema_decay: float = _f(0.9, "EMA decay per update", min=0, max=1)
-    mixed_precision: str = _f("bf16", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = _f("bf16", "autocast precision of forward passes: fp32 (none), fp16 or bf16 "
+                                      "(accelerate's 'no' is spelled fp32 here: YAML reads a bare no as false)",
+                              choices=("fp32", "fp16", "bf16"))
 
 
 @dataclass
@@ -375,12 +373,9 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    from .io import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:

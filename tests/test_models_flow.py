@@ -287,3 +287,24 @@ def test_options_fail_loudly_or_leave_outputs_unchanged():
     pipe.scheduler = EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="scheduler is EulerDiscreteScheduler"):
         policy_class("sd3")(pipe, device="cpu", train_mode="none")
+
+
+@torch.no_grad()
+def test_absent_t5_tokens_collapse_exactly():
+    """Without T5 the pipeline appends max_sequence_length identical zero tokens; the adapter runs them
+    as one token with a log-count bias and must match the stock pipeline at its default length (256)."""
+    from flowalign.models.sd3 import CollapsedNullTokensProcessor
+
+    collapsed = make_policy("sd3_no_t5", train_mode="none", max_sequence_length=256)
+    plain = make_policy("sd3_no_t5", train_mode="none", max_sequence_length=256, collapse_null_t5=False)
+    assert collapsed.null_t5_tokens == 256 and plain.null_t5_tokens is None
+    assert all(isinstance(p, CollapsedNullTokensProcessor) for p in collapsed.denoiser.attn_processors.values())
+    c_cond, p_cond = collapsed.encode(PROMPTS), plain.encode(PROMPTS)
+    assert c_cond.embeds.shape[1] + 255 == p_cond.embeds.shape[1]
+    noise = make_noise(collapsed)
+    a = ode_latents(collapsed, noise, c_cond, 2, 5.0)
+    b = ode_latents(plain, noise, p_cond, 2, 5.0)
+    stock = load_stock_pipeline("sd3_no_t5")
+    ref = stock(PROMPTS, latents=noise, num_inference_steps=2, guidance_scale=5.0, height=IMAGE_SIZE,
+                width=IMAGE_SIZE, output_type="latent").images  # the stock default: 256 zero tokens
+    assert (a - b).abs().max() <= TOL and (a - ref).abs().max() <= TOL

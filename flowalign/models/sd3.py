@@ -9,8 +9,11 @@ timestep = 1000·σ.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from flowalign.models.base import Cond, FlowPolicy, _per_sample_sigma, check_flow_scheduler
 from flowalign.sampling.schedules import exponential_time_shift, flux_mu, sd3_sigmas
@@ -41,6 +44,54 @@ def sd3_schedule(scheduler_config, num_steps: int, image_seq_len: int, shift: fl
     return torch.cat([torch.from_numpy(exponential_time_shift(base, mu)).float(), torch.zeros(1)])
 
 
+class CollapsedNullTokensProcessor:
+    """SD3 joint attention where the *last* context token stands for ``count`` identical tokens.
+
+    Identical keys/values contribute count·exp(q·k) to the softmax, i.e. one token with its logit
+    raised by log(count); everything else is diffusers' ``JointAttnProcessor2_0``.
+    """
+
+    def __init__(self, count: int):
+        self.log_count = math.log(count)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        assert encoder_hidden_states is not None, "collapsed null tokens need the joint (context) stream"
+        B, n_img = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(t):
+            return t.view(B, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        cq = split(attn.add_q_proj(encoder_hidden_states))
+        ck = split(attn.add_k_proj(encoder_hidden_states))
+        cv = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = self.log_count
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(B, -1, heads * q.shape[-1]).to(q.dtype)
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, ctx
+
+
+def use_collapsed_null_tokens(transformer, count: int) -> None:
+    """Install ``CollapsedNullTokensProcessor`` on every attention layer of an SD3 transformer."""
+    transformer.set_attn_processor(CollapsedNullTokensProcessor(count))
+
+
+def use_collapsed_null_tokens(transformer, count: int) -> None:
+    """Install ``CollapsedNullTokensProcessor`` on every attention layer of an SD3 transformer."""
+    transformer.set_attn_processor(CollapsedNullTokensProcessor(count))
+
+
 class SD3Policy(FlowPolicy):
     """SD3 / SD3.5 (medium, large, large-turbo). ``text_encoder_3`` (T5) is optional."""
 
@@ -53,6 +104,15 @@ class SD3Policy(FlowPolicy):
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     uses_cfg = True
 
+    def __init__(self, pipe, *, collapse_null_t5: bool = True, **options):
+        """``collapse_null_t5``: without T5, run the pipeline's ``max_sequence_length`` all-zero T5
+        tokens as one token with a log-count attention bias (exact, and far cheaper; SDPA only)."""
+        super().__init__(pipe, **options)
+        self.null_t5_tokens = None
+        if pipe.text_encoder_3 is None and collapse_null_t5 and options.get("attention_backend", "sdpa") == "sdpa":
+            self.null_t5_tokens = self.max_sequence_length
+            use_collapsed_null_tokens(self.denoiser, self.max_sequence_length)
+
     def _encode_texts(self, texts: list[str]):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=texts,
@@ -60,7 +120,7 @@ class SD3Policy(FlowPolicy):
             prompt_3=None,
             device=self.device,
             do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
+            max_sequence_length=1 if self.null_t5_tokens else self.max_sequence_length,
         )
         return embeds, pooled
 

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.sd3 import use_collapsed_null_tokens
 from . import models as pm
 
-DEFAULT_STEPS = 20  # the pocket model's default ODE step count
-DEFAULT_GUIDANCE = 3.0  # and CFG scale
+NULL_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
 
 
 @dataclass
@@ -322,7 +323,7 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
     _log(f"t2i: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct prompts cached")
     width = embs.shape[-1]
     transformer = pm.transformer_model(width, pooled.shape[-1], layers=cfg.t2i_layers)
-    pm.use_collapsed_null_tokens(transformer)
+    use_collapsed_null_tokens(transformer, NULL_T5_TOKENS)
     ema = [p.detach().clone() for p in transformer.parameters()]
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.t2i_lr, weight_decay=0.01)
     ckpt_path = work / "t2i_checkpoint.pt"
@@ -393,65 +394,6 @@ def load_pipeline(path):
     return StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. sampling + calibration
-
-
-@torch.no_grad()
-def sample_pocket(pipe, prompts: list[str], seed: int = 0, num_steps: int = DEFAULT_STEPS,
-                  guidance_scale: float = DEFAULT_GUIDANCE, batch: int = 128) -> torch.Tensor:
-    """ODE samples of a pocket SD3 pipeline → images [N,3,32,32] in [0,1] (CFG in one batched forward,
-    collapsed null tokens)."""
-    from ..sampling import ode_step, sd3_sigmas
-
-    transformer = pipe.transformer
-    pm.use_collapsed_null_tokens(transformer)
-    encode = PocketTextEncoder(pipe.text_encoder, pipe.tokenizer)
-    sigmas = sd3_sigmas(num_steps, shift=pipe.scheduler.config.shift)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), 4, 8, 8, generator=g)
-    un_e, un_p = encode([""])
-    out = []
-    for i in range(0, len(prompts), batch):
-        e, p = encode(prompts[i:i + batch])
-        n = len(e)
-        ctx = torch.cat([un_e.expand(n, -1, -1), e])
-        pooled = torch.cat([un_p.expand(n, -1), p])
-        x = noise[i:i + n]
-        for k in range(num_steps):
-            t = sigmas[k].expand(2 * n) * 1000
-            v_u, v_c = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=ctx,
-                                   pooled_projections=pooled, timestep=t).sample.chunk(2)
-            x = ode_step(x, v_u + guidance_scale * (v_c - v_u), sigmas[k], sigmas[k + 1]).x_next
-        vae = pipe.vae
-        img = vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample
-        out.append(((img + 1) / 2).clamp(0, 1))
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    transformer.set_attn_processor(JointAttnProcessor2_0())
-    return torch.cat(out)
-
-
-def calibrate(pipe, prompts_file: str | os.PathLike, seed: int = 0, limit_per_category: int | None = None,
-              **sample_kw) -> dict:
-    from .evaluate import evaluate
-    from .prompts import load_prompt_file
-
-    rows = load_prompt_file(prompts_file)
-    if limit_per_category is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in rows:
-            c = r.get("category", "all")
-            if seen.get(c, 0) < limit_per_category:
-                kept.append(r)
-                seen[c] = seen.get(c, 0) + 1
-        rows = kept
-    prompts = [r["prompt"] for r in rows]
-    images = sample_pocket(pipe, prompts, seed=seed, **sample_kw)
-    return evaluate(images, prompts).summary()
-
-
 def build(out_dir: str | os.PathLike, cfg: BuildConfig = BuildConfig(), work_dir: str | os.PathLike | None = None,
           test_prompts: str | os.PathLike | None = None) -> dict:
     """Train every pocket model into ``out_dir`` (``clip/``, ``t2i/``) and return the calibration."""
@@ -473,6 +415,11 @@ def build(out_dir: str | os.PathLike, cfg: BuildConfig = BuildConfig(), work_dir
             shutil.copytree(work / name, out / name)
     report = {"build_seconds": round(time.time() - t0, 1), "clip_zero_shot": clip_zero_shot(clip_model, tokenizer)}
     if test_prompts is not None:
-        report["gold"] = calibrate(pipe, test_prompts, seed=cfg.seed, limit_per_category=cfg.eval_per_category)
+        from ..models.sd3 import SD3Policy
+        from .sample import evaluate_model
+
+        policy = SD3Policy(pipe, device="cpu", dtype="float32", train_mode="none")
+        report["gold"] = evaluate_model(policy, test_prompts, seed=cfg.seed, limit_per_category=cfg.eval_per_category,
+                                        out_dir=out / "calibration")["gold"]
     (out / "calibration.json").write_text(json.dumps(report, indent=2))
     return report

@@ -1,18 +1,21 @@
 """``flowalign pocket ...``: the pocket world from the command line.
 
     flowalign pocket render "two red circles" --out file.png [--size 32] [--seed 0] [--scale 8]
+    flowalign pocket eval [--model DIR] [--prompts FILE] [--steps 20] [--guidance 3] [--out DIR]
+    flowalign pocket build [--out DIR] [--seed 0] [--quick]
 
-``register(subparsers)`` adds the ``pocket`` command to the ``flowalign`` parser; ``pocket build`` and
-``pocket eval`` will join ``render`` as further subcommands. ``python -m flowalign.pocket.cli ...``
+``register(subparsers)`` adds the ``pocket`` command to the ``flowalign`` parser. ``python -m flowalign.pocket.cli ...``
 runs the same command without the rest of the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
+
+from ..io import atomic_write_bytes
 
 
 def _cmd_render(ns) -> int:
@@ -26,12 +29,43 @@ def _cmd_render(ns) -> int:
     except ValueError as e:
         print(f"flowalign pocket render: {e}", file=sys.stderr)
         return 2
-    out = os.path.abspath(ns.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    to_pil(image, ns.scale).save(tmp, format="PNG")
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    to_pil(image, ns.scale).save(buf, format="PNG")
+    atomic_write_bytes(ns.out, buf.getvalue())
     print(json.dumps({"out": ns.out, "prompt": ns.prompt, **scene.to_dict()}))
+    return 0
+
+
+def _cmd_eval(ns) -> int:
+    from .evaluate import format_report
+    from .sample import evaluate_model, load_pocket_policy
+
+    try:
+        policy = load_pocket_policy(ns.model)
+        report = evaluate_model(policy, ns.prompts, seed=ns.seed, num_steps=ns.steps, guidance_scale=ns.guidance,
+                                limit_per_category=ns.limit_per_category, out_dir=ns.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"flowalign pocket eval: {e}", file=sys.stderr)
+        return 2
+    print(f"{report['images']} images from {ns.prompts} ({ns.steps} ODE steps, CFG {ns.guidance}, seed {ns.seed}, "
+          f"{report['sample_seconds']} s sampling)")
+    print(format_report(report["gold"]))
+    print(f"wrote {ns.out}/report.json and {ns.out}/grid.png")
+    return 0
+
+
+def _cmd_build(ns) -> int:
+    from .build import BuildConfig, build
+    from .evaluate import format_report
+
+    cfg = BuildConfig.quick() if ns.quick else BuildConfig()
+    cfg.seed = ns.seed
+    report = build(ns.out, cfg, work_dir=ns.work, test_prompts=ns.prompts)
+    print(f"built in {report['build_seconds']} s into {ns.out}")
+    print("pocket CLIP zero-shot pick among hard negatives:",
+          ", ".join(f"{k} {v:.3f}" for k, v in report["clip_zero_shot"].items()))
+    if "gold" in report:
+        print(format_report(report["gold"]))
     return 0
 
 
@@ -52,6 +86,30 @@ def register(subparsers) -> None:
     p_render.add_argument("--scale", type=int, default=1,
                           help="upscale the saved PNG this many times, nearest neighbour, for viewing (default 1)")
     p_render.set_defaults(func=_cmd_render)
+
+    from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    p_eval = sub.add_parser("eval", help="sample a pocket (SD3-format) model on a prompt file and print its "
+                                         "gold accuracy per category; writes report.json and grid.png")
+    p_eval.add_argument("--model", default=None, help="SD3 pipeline folder (default: the shipped pocket model)")
+    p_eval.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="prompt file (.txt or .jsonl)")
+    p_eval.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"ODE steps (default {DEFAULT_STEPS})")
+    p_eval.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"CFG scale (default {DEFAULT_GUIDANCE})")
+    p_eval.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p_eval.add_argument("--limit-per-category", type=int, default=None, help="evaluate at most N prompts per category")
+    p_eval.add_argument("--out", default="runs/pocket_eval", help="output folder (default runs/pocket_eval)")
+    p_eval.set_defaults(func=_cmd_eval)
+
+    p_build = sub.add_parser("build", help="train the pocket models from scratch (deterministic for a seed) "
+                                           "and print their calibration")
+    p_build.add_argument("--out", default="pocket_models", help="output folder (clip/, t2i/, calibration.json)")
+    p_build.add_argument("--work", default=None, help="folder for the dataset and stage outputs (default OUT/_work); "
+                                                     "a killed build resumes from it")
+    p_build.add_argument("--seed", type=int, default=0)
+    p_build.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="held-out prompts for calibration")
+    p_build.add_argument("--quick", action="store_true", help="a minutes-long smoke build (poor models)")
+    p_build.set_defaults(func=_cmd_build)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,26 +10,19 @@
 The tokenizer is a real ``CLIPTokenizer`` (byte-level BPE) whose merges turn every word of the pocket
 grammar into one token; any other text still tokenizes (byte by byte), so no input is rejected.
 
-**The missing T5.** Without ``text_encoder_3``, ``StableDiffusion3Pipeline`` appends
-``max_sequence_length`` (default 256) all-zero T5 tokens to the prompt. They are identical through
-every layer (no positional embedding on context tokens), so in attention they act exactly as *one*
-token whose logit is raised by log(256). ``CollapsedNullTokensProcessor`` computes that: the pocket
-T2I model is trained and sampled with one null token and the log-count bias, and is exactly the
-model the stock pipeline runs with its 256 zero tokens — at a fraction of the cost.
+**The missing T5.** Without ``text_encoder_3``, ``StableDiffusion3Pipeline`` appends 256 all-zero T5
+tokens to the prompt; the pocket T2I model is trained with them collapsed into one token
+(``flowalign.models.sd3.CollapsedNullTokensProcessor``), which is exact, so the stock pipeline runs
+the same model.
 """
 
 from __future__ import annotations
 
-import math
 import re
-
-import torch
-import torch.nn.functional as F
 
 from .grammar import COLORS, NUMBER_WORDS, SHAPES
 
 TOKENIZER_MAX_LENGTH = 20  # the longest grammar prompt is 16 tokens with <bos>/<eos>
-NULL_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 _EXTRA_WORDS = ("an", "one", "and", "to", "the", "left", "right", "of", "above", "below", "photo", "image", "scene")
 
 
@@ -107,49 +100,6 @@ def transformer_model(text_width: int, pooled_width: int, layers: int = 6, heads
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_width,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_width, pos_embed_max_size=8,
     )
-
-
-class CollapsedNullTokensProcessor:
-    """SD3 joint attention where the *last* context token stands for ``count`` identical tokens.
-
-    Identical keys/values contribute count·exp(q·k) to the softmax, i.e. one token with its logit
-    raised by log(count); everything else is diffusers' ``JointAttnProcessor2_0``.
-    """
-
-    def __init__(self, count: int = NULL_TOKENS):
-        self.log_count = math.log(count)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        assert encoder_hidden_states is not None, "collapsed null tokens need the joint (context) stream"
-        B, n_img = hidden_states.shape[:2]
-        heads = attn.heads
-
-        def split(t):
-            return t.view(B, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = split(attn.add_q_proj(encoder_hidden_states))
-        ck = split(attn.add_k_proj(encoder_hidden_states))
-        cv = split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_count
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(B, -1, heads * q.shape[-1]).to(q.dtype)
-        img, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        img = attn.to_out[1](attn.to_out[0](img))
-        return img, ctx
-
-
-def use_collapsed_null_tokens(transformer, count: int = NULL_TOKENS) -> None:
-    """Install ``CollapsedNullTokensProcessor`` on every attention layer of an SD3 transformer."""
-    transformer.set_attn_processor(CollapsedNullTokensProcessor(count))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write_text
 from .grammar import (
     CATEGORIES,
     COLORS,
@@ -151,25 +152,19 @@ def build_prompt_sets(seed: int = 0) -> dict[str, list[PromptSpec]]:
     return sets
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_prompt_sets(out_dir: str | os.PathLike = "prompts/pocket", seed: int = 0) -> list[Path]:
     """Write the prompt set files (see module docstring) into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, specs in build_prompt_sets(seed).items():
-        _write_atomic(out / f"{name}.txt", "".join(spec_to_prompt(s) + "\n" for s in specs))
+        atomic_write_text(out / f"{name}.txt", "".join(spec_to_prompt(s) + "\n" for s in specs))
         written.append(out / f"{name}.txt")
         if name in ("train", "test"):
-            _write_atomic(out / f"{name}.jsonl", "".join(json.dumps(_row(s)) + "\n" for s in specs))
+            atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(_row(s)) + "\n" for s in specs))
             written.append(out / f"{name}.jsonl")
     heldout = {"seed": seed, "heldout": sorted(list(c) for c in HELDOUT)}
-    _write_atomic(out / "heldout.json", json.dumps(heldout, indent=1) + "\n")
+    atomic_write_text(out / "heldout.json", json.dumps(heldout, indent=1) + "\n")
     written.append(out / "heldout.json")
     return written
 

@@ -24,7 +24,8 @@ class PickScore:
     differentiable = True
     name = "pickscore"
 
-    def __init__(self, model, processor, device, dtype, max_length: int = 77):
+    def __init__(self, model, processor, device, dtype, max_length: int = 77, name: str = "pickscore"):
+        self.name = name
         self.model, self.tokenizer = model, processor.tokenizer
         self.image_input = T.ClipImageInput(processor.image_processor)
         self.device, self.dtype, self.max_length = device, dtype, max_length
@@ -46,7 +47,7 @@ class PickScore:
         return scores.to(images.device), {}
 
     def __repr__(self) -> str:
-        return f"PickScore(device={self.device}, dtype={self.dtype})"
+        return f"PickScore(name={self.name}, device={self.device}, dtype={self.dtype})"
 
 
 def pickscore(
@@ -54,8 +55,10 @@ def pickscore(
     processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     device: str | None = None,
     dtype: str = "float32",
+    name: str = "pickscore",
 ) -> PickScore:
-    """PickScore. ``model``/``processor``: hub ids or local folders (``save_pretrained`` format)."""
+    """PickScore. ``model``/``processor``: hub ids or local folders (``save_pretrained`` format).
+    Any transformers ``CLIPModel`` scores the same way (``pocket_clip`` is one)."""
     from transformers import AutoProcessor, CLIPModel
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -65,4 +68,4 @@ def pickscore(
         raise ValueError(f"{model} is not a CLIPModel checkpoint: missing {sorted(loading['missing_keys'])[:5]}, "
                          f"mismatched {list(loading['mismatched_keys'])[:5]}")
     clip_model = freeze(clip_model.to(device=dev, dtype=dt))
-    return PickScore(clip_model, proc, dev, dt)
+    return PickScore(clip_model, proc, dev, dt, max_length=proc.tokenizer.model_max_length, name=name)

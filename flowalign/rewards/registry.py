@@ -48,7 +48,7 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "vlm_score": vlm.vlm_score,
     "win_rate": win_rate,
     "pocket_gold": pocket.pocket_gold,
-    # "pocket_clip" (the pocket CLIP's score, differentiable) joins when the pocket models ship.
+    "pocket_clip": pocket.pocket_clip,
 }
 
 JUDGES: dict[str, Callable[..., PairwiseJudge]] = {

@@ -1,0 +1,54 @@
+"""Small output helpers: every file flowalign writes goes through a temp file and an atomic rename,
+so a killed run never leaves a half-written config, report or image behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def image_grid(images_BCHW, nrow: int = 8, pad: int = 1, scale: int = 1):
+    """Images [B,3,H,W] in [0,1] (torch or numpy) as one PIL image, ``nrow`` per row, upscaled
+    ``scale``× with nearest neighbour."""
+    import numpy as np
+    from PIL import Image
+
+    arr = images_BCHW.detach().cpu().float().numpy() if hasattr(images_BCHW, "detach") else np.asarray(images_BCHW)
+    B, _, H, W = arr.shape
+    ncol = min(nrow, B)
+    nrows = (B + ncol - 1) // ncol
+    canvas = np.ones((3, nrows * (H + pad) + pad, ncol * (W + pad) + pad), dtype=np.float32)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        canvas[:, y:y + H, x:x + W] = arr[i]
+    img = Image.fromarray((np.clip(canvas, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_image_grid(path: str | os.PathLike, images_BCHW, nrow: int = 8, scale: int = 1) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    image_grid(images_BCHW, nrow=nrow, scale=scale).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
