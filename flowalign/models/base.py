@@ -37,6 +37,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from flowalign.sampling.steps import ode_step
+from flowalign.torch_utils import resolve_device, resolve_dtype
 
 # family -> the diffusers pipeline class its folders are saved with (model_index.json `_class_name`)
 PIPELINE_CLASSES = {
@@ -47,7 +48,6 @@ PIPELINE_CLASSES = {
 }
 
 TRAIN_MODES = ("lora", "full", "none")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 # Flow-GRPO's LoRA targets for MMDiT transformers: the joint attention's image-stream q/k/v/out and
@@ -104,21 +104,6 @@ class Cond:
             values = [getattr(c, f.name) for c in conds]
             out[f.name] = None if values[0] is None else torch.cat(values, dim=0)
         return Cond(**out)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" → cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def read_model_index(path: str | Path, revision: str | None = None) -> tuple[dict, Path | None]:

@@ -40,27 +40,9 @@ _WORDS = ["a", "an", "the", "of", "on", "and", "photo", "red", "blue", "green", 
 
 def tiny_clip_tokenizer(model_max_length: int = 77):
     """A byte-level BPE CLIP tokenizer that covers any input text (no unknown tokens)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
+    from flowalign.models.tokenizers import word_clip_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    alphabet = sorted(ByteLevel.alphabet())
-    for symbol in alphabet:
-        vocab[symbol] = len(vocab)
-    for symbol in alphabet:
-        vocab[symbol + "</w>"] = len(vocab)
-    merges = []
-    for word in _WORDS:
-        if len(word) > 1:  # merge each short word into one token, left to right
-            prefix = word[0]
-            for i, ch in enumerate(word[1:], start=1):
-                piece = ch + ("</w>" if i == len(word) - 1 else "")
-                merged = prefix + piece
-                if (prefix, piece) not in merges:
-                    merges.append((prefix, piece))
-                    vocab.setdefault(merged, len(vocab))
-                prefix = merged
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return word_clip_tokenizer(_WORDS, model_max_length)
 
 
 def tiny_t5_tokenizer(model_max_length: int = 512):

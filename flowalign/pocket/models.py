@@ -34,25 +34,9 @@ def grammar_words() -> list[str]:
 
 def build_tokenizer(model_max_length: int = TOKENIZER_MAX_LENGTH):
     """A byte-level BPE ``CLIPTokenizer`` with one token per grammar word (no hub needed)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
+    from ..models.tokenizers import word_clip_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    alphabet = sorted(ByteLevel.alphabet())
-    for symbol in alphabet:
-        vocab[symbol] = len(vocab)
-    for symbol in alphabet:
-        vocab[symbol + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in grammar_words():
-        prefix = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            piece = ch + ("</w>" if i == len(word) - 1 else "")
-            if (prefix, piece) not in merges:
-                merges.append((prefix, piece))
-                vocab.setdefault(prefix + piece, len(vocab))
-            prefix = prefix + piece
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return word_clip_tokenizer(grammar_words(), model_max_length)
 
 
 def clip_config(tokenizer, width: int = 96, layers: int = 3, vision_width: int = 96, vision_layers: int = 3):

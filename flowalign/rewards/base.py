@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..torch_utils import resolve_device, resolve_dtype  # noqa: F401 (re-exported for the reward files)
+
 
 @runtime_checkable
 class Reward(Protocol):
@@ -72,26 +74,6 @@ class MultiReward:
 
 # --------------------------------------------------------------------------------------------------
 # helpers for the model-backed rewards
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> the current CUDA device when there is one, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A dtype from its name (``float32``, ``bfloat16``/``bf16``, ``float16``/``fp16``)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def resolve_file(path_or_repo: str, filename: str) -> str:

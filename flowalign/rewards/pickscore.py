@@ -68,4 +68,5 @@ def pickscore(
         raise ValueError(f"{model} is not a CLIPModel checkpoint: missing {sorted(loading['missing_keys'])[:5]}, "
                          f"mismatched {list(loading['mismatched_keys'])[:5]}")
     clip_model = freeze(clip_model.to(device=dev, dtype=dt))
-    return PickScore(clip_model, proc, dev, dt, max_length=proc.tokenizer.model_max_length, name=name)
+    max_length = min(proc.tokenizer.model_max_length, 77)  # CLIP text towers have 77 positions at most
+    return PickScore(clip_model, proc, dev, dt, max_length=max_length, name=name)
