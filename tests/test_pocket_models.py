@@ -1,0 +1,57 @@
+"""The shipped pocket models: standard formats, loadable by the stock libraries, and competent."""
+
+import torch
+
+from flowalign.pocket.assets import CLIP_DIR, T2I_DIR, WEIGHTS_DIR
+from flowalign.pocket.sample import DEFAULT_GUIDANCE, initial_noise, load_pocket_policy, sample_images
+
+
+def test_weights_fit_the_budget():
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*.safetensors"))
+    assert 0 < total <= 25 * 2**20, total
+
+
+def test_t2i_loads_in_the_stock_pipeline_and_matches_the_adapter():
+    from diffusers import StableDiffusion3Pipeline
+
+    prompts = ["a red circle", "two blue squares"]
+    policy = load_pocket_policy()
+    ours = sample_images(policy, prompts, seed=5, num_steps=4)
+    stock = StableDiffusion3Pipeline.from_pretrained(T2I_DIR, text_encoder_3=None, tokenizer_3=None)
+    stock.set_progress_bar_config(disable=True)
+    ref = stock(prompts, latents=initial_noise(policy, 2, seed=5), num_inference_steps=4, guidance_scale=DEFAULT_GUIDANCE,
+                height=32, width=32, output_type="pt").images  # stock default: 256 zero T5 tokens
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_training_conditioning_equals_the_adapters():
+    """The build encodes prompts with its own PocketTextEncoder; sampling uses SD3Policy.encode."""
+    from flowalign.pocket.build import PocketTextEncoder
+
+    policy = load_pocket_policy()
+    prompts = ["a yellow triangle above a green square", ""]
+    emb, pooled = PocketTextEncoder(policy.pipe.text_encoder, policy.pipe.tokenizer)(prompts)
+    cond = policy.encode(prompts)
+    torch.testing.assert_close(emb, cond.embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, cond.pooled, rtol=0, atol=1e-5)
+
+
+def test_single_object_smoke_accuracy():
+    from flowalign.pocket.evaluate import evaluate
+    from flowalign.pocket.prompts import load_prompt_file
+
+    rows = load_prompt_file("prompts/pocket/test_single_object.txt") + load_prompt_file("prompts/pocket/test_colors.txt")
+    prompts = [r["prompt"] for r in rows][:32]
+    images = sample_images(load_pocket_policy(), prompts, seed=0)
+    strict = evaluate(images, prompts).strict.mean()
+    assert strict >= 0.6, strict
+
+
+def test_pocket_clip_prefers_the_right_caption():
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from flowalign.pocket.build import clip_zero_shot
+
+    acc = clip_zero_shot(CLIPModel.from_pretrained(CLIP_DIR), CLIPTokenizer.from_pretrained(CLIP_DIR), n=96)
+    assert acc["overall"] >= 0.6, acc
