@@ -55,3 +55,33 @@ def test_pocket_clip_prefers_the_right_caption():
 
     acc = clip_zero_shot(CLIPModel.from_pretrained(CLIP_DIR), CLIPTokenizer.from_pretrained(CLIP_DIR), n=96)
     assert acc["overall"] >= 0.6, acc
+
+
+def test_pocket_eval_cli_writes_report_and_grid(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "flowalign.cli", "pocket", "eval", "--limit-per-category", "2",
+                        "--steps", "4", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["images"] == 12 and report["num_steps"] == 4
+    assert set(report["gold"]["strict"]) >= {"single_object", "position", "overall"}
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-m", "flowalign.cli", "pocket", "eval", "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_quick_build_is_deterministic(tmp_path):
+    """`pocket build` retrains deterministically for a seed (two quick builds, ~45 s)."""
+    from safetensors.torch import load_file
+
+    from flowalign.pocket.build import BuildConfig, build
+
+    for run in ("a", "b"):
+        build(tmp_path / run, BuildConfig.quick())
+    for part in ("t2i/transformer/diffusion_pytorch_model.safetensors", "clip/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

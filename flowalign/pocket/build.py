@@ -68,6 +68,12 @@ def _log(msg: str) -> None:
     print(f"[pocket build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _device() -> torch.device:
+    """Train on the GPU when there is one; random numbers are always drawn on the CPU, so a seed gives
+    the same data, noise and timesteps everywhere."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _seed(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
@@ -136,7 +142,8 @@ def train_vae(work: Path, data: dict, cfg: BuildConfig):
     if final.exists():
         return AutoencoderKL.from_pretrained(final)
     g = _seed(cfg.seed + 10)
-    vae = pm.vae_model()
+    dev = _device()
+    vae = pm.vae_model().to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     images = data["images"]
     t0 = time.time()
@@ -144,9 +151,9 @@ def train_vae(work: Path, data: dict, cfg: BuildConfig):
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps)
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
-        x = _to_unit(images[idx.numpy()]) * 2 - 1
+        x = (_to_unit(images[idx.numpy()]) * 2 - 1).to(dev)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         rec = vae.decode(z).sample
         loss = F.mse_loss(rec, x) + 0.5 * (rec - x).abs().mean() + cfg.vae_kl * post.kl().mean() / z[0].numel()
         opt.zero_grad(set_to_none=True)
@@ -157,10 +164,11 @@ def train_vae(work: Path, data: dict, cfg: BuildConfig):
             _log(f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval()
     with torch.no_grad():
-        sample = _to_unit(images[: min(4096, len(images))]) * 2 - 1
+        sample = (_to_unit(images[: min(4096, len(images))]) * 2 - 1).to(dev)
         z = torch.cat([vae.encode(sample[i:i + 256]).latent_dist.mean for i in range(0, len(sample), 256)])
     shift, scale = float(z.mean()), float(1.0 / z.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae.to("cpu")
     tmp = _atomic_dir(final)
     vae.save_pretrained(tmp)
     _finish_dir(tmp, final)
@@ -186,7 +194,8 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
         return CLIPModel.from_pretrained(final), tokenizer
     g = _seed(cfg.seed + 20)
     rng = np.random.default_rng(cfg.seed + 20)
-    model = CLIPModel(pm.clip_config(tokenizer))
+    dev = _device()
+    model = CLIPModel(pm.clip_config(tokenizer)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
     images, prompts = data["images"], data["prompts"]
     negatives_cache: dict[str, list[str]] = {}
@@ -203,8 +212,8 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
             pool = negatives_cache[c]
             pick = rng.choice(len(pool), size=min(cfg.clip_negatives, len(pool)), replace=False)
             negs += [pool[j] for j in pick] + [c] * (cfg.clip_negatives - len(pick))  # pad (masked below)
-        pixel = (_to_unit(images[idx]) - 0.5) / 0.5
-        ids = _tokens(tokenizer, caps + negs)
+        pixel = ((_to_unit(images[idx]) - 0.5) / 0.5).to(dev)
+        ids = _tokens(tokenizer, caps + negs).to(dev)
         out = model(input_ids=ids, pixel_values=pixel)
         logits = out.logits_per_image  # [B, B + B*H]
         B, H = len(caps), cfg.clip_negatives
@@ -212,11 +221,11 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
         # a caption equal to the image's own (a duplicate prompt in the batch, or padding) is no negative;
         # another image's hard negatives are ordinary negatives for this image
         same = torch.tensor([[texts[j] == caps[i] and j != i for j in range(len(texts))] for i in range(B)])
-        li = logits.masked_fill(same, float("-inf"))
-        loss_i = F.cross_entropy(li, torch.arange(B))
+        li = logits.masked_fill(same.to(dev), float("-inf"))
+        loss_i = F.cross_entropy(li, torch.arange(B, device=dev))
         lt = logits[:, :B].t()  # text → image, positives only
         dup = torch.tensor([[caps[j] == caps[i] and j != i for j in range(B)] for i in range(B)])
-        loss_t = F.cross_entropy(lt.masked_fill(dup, float("-inf")), torch.arange(B))
+        loss_t = F.cross_entropy(lt.masked_fill(dup.to(dev), float("-inf")), torch.arange(B, device=dev))
         loss = 0.5 * (loss_i + loss_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,7 +233,7 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
         opt.step()
         if step % 200 == 0 or step == cfg.clip_steps - 1:
             _log(f"clip step {step}/{cfg.clip_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    model.eval()
+    model.to("cpu").eval()
     tmp = _atomic_dir(final)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -322,14 +331,16 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
         latents = torch.cat(lat)
     _log(f"t2i: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct prompts cached")
     width = embs.shape[-1]
-    transformer = pm.transformer_model(width, pooled.shape[-1], layers=cfg.t2i_layers)
+    dev = _device()
+    embs, pooled, latents = embs.to(dev), pooled.to(dev), latents.to(dev)
+    transformer = pm.transformer_model(width, pooled.shape[-1], layers=cfg.t2i_layers).to(dev)
     use_collapsed_null_tokens(transformer, NULL_T5_TOKENS)
     ema = [p.detach().clone() for p in transformer.parameters()]
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.t2i_lr, weight_decay=0.01)
     ckpt_path = work / "t2i_checkpoint.pt"
     start = 0
     if ckpt_path.exists():  # resume a killed build where it stopped
-        state = torch.load(ckpt_path, weights_only=True)
+        state = torch.load(ckpt_path, weights_only=True, map_location=dev)
         transformer.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         for e, v in zip(ema, state["ema"]):
@@ -347,11 +358,12 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
         for group in opt.param_groups:
             group["lr"] = cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200)
         idx = torch.randint(len(latents), (cfg.t2i_batch,), generator=g)
-        x0 = latents[idx]
+        x0 = latents[idx.to(dev)]
         pid = prompt_idx[idx].clone()
         pid[torch.rand(len(pid), generator=g) < cfg.cfg_dropout] = empty
-        t = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal(0, 1), as SD3
-        eps = torch.randn(x0.shape, generator=g)
+        pid = pid.to(dev)
+        t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(dev)  # logit-normal(0, 1), as SD3
+        eps = torch.randn(x0.shape, generator=g).to(dev)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
         v = transformer(hidden_states=xt, encoder_hidden_states=embs[pid], pooled_projections=pooled[pid],
                         timestep=t * 1000).sample
@@ -373,7 +385,7 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
 
     transformer.set_attn_processor(JointAttnProcessor2_0())  # saved models carry no custom processor
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
+        transformer=transformer.to("cpu").eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
         vae=vae,
         text_encoder=te, tokenizer=tokenizer,
