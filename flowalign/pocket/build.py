@@ -85,6 +85,16 @@ def _cosine(step: int, total: int, warmup: int = 100) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _optimizer_step(opt, params, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at learning rate ``lr`` with the gradient norm clipped to 1 (every stage's update)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _atomic_dir(final: Path):
     """A temp folder that becomes ``final`` when the stage finishes (so a killed stage restarts)."""
     tmp = final.with_name(final.name + ".partial")
@@ -148,18 +158,13 @@ def train_vae(work: Path, data: dict, cfg: BuildConfig):
     images = data["images"]
     t0 = time.time()
     for step in range(cfg.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps)
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
         x = (_to_unit(images[idx.numpy()]) * 2 - 1).to(dev)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         rec = vae.decode(z).sample
         loss = F.mse_loss(rec, x) + 0.5 * (rec - x).abs().mean() + cfg.vae_kl * post.kl().mean() / z[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, vae.parameters(), loss, cfg.vae_lr * _cosine(step, cfg.vae_steps))
         if step % 200 == 0 or step == cfg.vae_steps - 1:
             _log(f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval()
@@ -201,8 +206,6 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
     negatives_cache: dict[str, list[str]] = {}
     t0 = time.time()
     for step in range(cfg.clip_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.clip_lr * _cosine(step, cfg.clip_steps)
         idx = torch.randint(len(images), (cfg.clip_batch,), generator=g).numpy()
         caps = [prompts[i] for i in idx]
         negs = []
@@ -223,14 +226,10 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
         same = torch.tensor([[texts[j] == caps[i] and j != i for j in range(len(texts))] for i in range(B)])
         li = logits.masked_fill(same.to(dev), float("-inf"))
         loss_i = F.cross_entropy(li, torch.arange(B, device=dev))
-        lt = logits[:, :B].t()  # text → image, positives only
-        dup = torch.tensor([[caps[j] == caps[i] and j != i for j in range(B)] for i in range(B)])
-        loss_t = F.cross_entropy(lt.masked_fill(dup.to(dev), float("-inf")), torch.arange(B, device=dev))
+        lt = logits[:, :B].t()  # text → image, positives only; same[:, :B] masks duplicate captions
+        loss_t = F.cross_entropy(lt.masked_fill(same[:, :B].t().to(dev), float("-inf")), torch.arange(B, device=dev))
         loss = 0.5 * (loss_i + loss_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, model.parameters(), loss, cfg.clip_lr * _cosine(step, cfg.clip_steps))
         if step % 200 == 0 or step == cfg.clip_steps - 1:
             _log(f"clip step {step}/{cfg.clip_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     model.to("cpu").eval()
@@ -355,8 +354,6 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
                      "rng": g.get_state()}
             torch.save(state, work / "t2i_checkpoint.tmp")
             os.replace(work / "t2i_checkpoint.tmp", ckpt_path)
-        for group in opt.param_groups:
-            group["lr"] = cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200)
         idx = torch.randint(len(latents), (cfg.t2i_batch,), generator=g)
         x0 = latents[idx.to(dev)]
         pid = prompt_idx[idx].clone()
@@ -368,10 +365,7 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
         v = transformer(hidden_states=xt, encoder_hidden_states=embs[pid], pooled_projections=pooled[pid],
                         timestep=t * 1000).sample
         loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, transformer.parameters(), loss, cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200))
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema, transformer.parameters()):
