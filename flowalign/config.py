@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "Config", "ModelConfig", "SamplingConfig", "TrainConfig", "RewardSpec", "EvalConfig", "RunConfig",
-    "ConfigError", "load_config", "to_yaml", "save_config", "describe",
+    "ConfigError", "load_config", "load_structured", "to_yaml", "save_config", "describe",
 ]
 
 
@@ -42,7 +42,8 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     family: str = _f("sd3", "model family: sd3 (SD3/SD3.5), flux (FLUX.1-dev/schnell), sd_turbo, sdxl_turbo",
                      choices=("sd3", "flux", "sd_turbo", "sdxl_turbo"))
-    path: str = _f("stabilityai/stable-diffusion-3.5-medium", "hub id or local diffusers pipeline folder")
+    path: str = _f("stabilityai/stable-diffusion-3.5-medium", "hub id, local diffusers pipeline folder, or builtin:pocket "
+                                                                 "(the pocket model shipped with flowalign)")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of `path`")
     variant: Optional[str] = _f(None, "weight variant to load, e.g. fp16")
     dtype: str = _f("bfloat16", "dtype of the frozen base weights", choices=("float32", "bfloat16", "float16"))
@@ -91,6 +92,8 @@ class SamplingConfig:
     num_branches: int = _f(4, "branching: branches K per branch step", min=1)
     share_group_noise: bool = _f(False, "all images of a prompt's group start from the same noise")
     eval_num_steps: int = _f(40, "denoising steps of evaluation sampling (ODE)", min=1)
+    batch_size: int = _f(0, "images per rollout forward, per process (0 = all of the process's images at once)",
+                         min=0)
 
 
 @dataclass
@@ -100,6 +103,8 @@ class TrainConfig:
     prompts_per_iteration: int = _f(8, "prompt groups sampled per iteration, over all processes", min=1)
     num_iterations: int = _f(1000, "training iterations (rollout + update)", min=1)
     micro_batch_size: int = _f(4, "samples per forward/backward, per process", min=1)
+    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated (each over all its trained timesteps) "
+                                             "per optimizer step", min=1)
     lr: float = _f(3e-4, "AdamW learning rate", gt=0)
     weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
     adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
@@ -138,6 +143,10 @@ class EvalConfig:
     every: int = _f(50, "evaluate every N iterations", min=1)
     num_images: int = _f(1, "images per eval prompt (fixed seeds)", min=1)
     seed: int = _f(1234, "seed of the evaluation noise")
+    rewards: list[RewardSpec] = _f([], "pointwise rewards reported on eval images (empty = the training "
+                                       "rewards); e.g. pocket_gold with args {score: strict}")
+    batch_size: int = _f(64, "eval images per forward", min=1)
+    at_start: bool = _f(True, "also evaluate before the first iteration (the base model)")
 
 
 @dataclass
@@ -148,6 +157,8 @@ class RunConfig:
     log_every: int = _f(1, "log metrics every N iterations", min=1)
     tracker: str = _f("tensorboard", "experiment tracker", choices=("tensorboard", "wandb", "none"))
     resume: bool = _f(True, "resume from the latest checkpoint in output_dir when one exists")
+    keep_checkpoints: int = _f(2, "checkpoints kept in output_dir/checkpoints (older ones are deleted)", min=1)
+    progress: bool = _f(True, "show a progress bar")
 
 
 @dataclass
@@ -244,19 +255,29 @@ def _read_yaml(path) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides=(), validate: bool = True) -> Config:
-    """Defaults ← YAML file ← ``key=value`` overrides, type-checked and validated."""
+def load_structured(schema, path: str | os.PathLike | None = None, overrides=()):
+    """An instance of dataclass ``schema``: its defaults ← YAML file ← ``key=value`` overrides, with
+    unknown keys named (nearest valid key suggested), types checked and field ranges/choices checked.
+    Other parts of flowalign (noise optimization) load their own config sections through this."""
     layers = [_read_yaml(os.fspath(path))] if path is not None else []
     layers.append(_parse_overrides(overrides))
     for layer in layers:
-        _check_keys(layer, Config, "")
-    merged = OmegaConf.structured(Config)
+        _check_keys(layer, schema, "")
+    merged = OmegaConf.structured(schema)
     try:
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
-        cfg = OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _typed_error(e) from None
+    _check_ranges(obj, "")
+    return obj
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=(), validate: bool = True) -> Config:
+    """Defaults ← YAML file ← ``key=value`` overrides, type-checked; with ``validate`` also the
+    cross-field combinations (``validate_config``)."""
+    cfg = load_structured(Config, path, overrides)
     if validate:
         validate_config(cfg)
     return cfg
@@ -348,6 +369,11 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(
             f"model.family={cfg.model.family} is a one-step UNet generator for noise optimization; "
             "GRPO needs a flow model (sd3 or flux)"
+        )
+    if cfg.model.train_mode == "full" and t.kl_beta > 0:
+        raise ConfigError(
+            "train.kl_beta > 0 needs a frozen reference model, and model.train_mode=full changes the base weights "
+            "(LoRA's reference is the base with adapters off); use model.train_mode=lora or set train.kl_beta=0"
         )
     if cfg.model.dtype == "float16" and t.mixed_precision == "bf16":
         raise ConfigError("model.dtype=float16 with train.mixed_precision=bf16 mixes half types; pick one")

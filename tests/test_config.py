@@ -21,7 +21,8 @@ def test_valid_yaml_and_overrides(tmp_path):
 def test_shipped_configs_load():
     import pathlib
 
-    files = sorted(pathlib.Path(__file__).parents[1].glob("configs/**/*.yaml"))
+    # configs/reno holds noise-optimization configs (their own schema, tested in test_noise_opt_cli)
+    files = sorted(f for f in pathlib.Path(__file__).parents[1].glob("configs/**/*.yaml") if f.parent.name != "reno")
     assert files
     for f in files:
         load_config(f)

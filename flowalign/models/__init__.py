@@ -23,6 +23,9 @@ FAMILIES = {
     "sdxl_turbo": ("flowalign.models.unet_turbo", "SDXLTurboPolicy"),
 }
 
+# model.path naming the pocket text-to-image model shipped inside flowalign (works from any folder).
+POCKET_PATH = "builtin:pocket"
+
 # ModelConfig fields passed to the adapter's constructor unchanged.
 _OPTION_FIELDS = (
     "device", "dtype", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init_path",
@@ -43,10 +46,18 @@ def load_policy(model_cfg):
     """Load the policy described by a ``ModelConfig`` (family, path, revision, variant and the options
     of ``Policy.__init__``) through its family's ``from_pretrained``."""
     cls = policy_class(model_cfg.family)
+    path = model_cfg.path
+    if path == POCKET_PATH:
+        from flowalign.pocket.assets import T2I_DIR, shipped
+
+        if model_cfg.family != "sd3":
+            raise ValueError(f"model.path={POCKET_PATH!r} is the shipped pocket model, an sd3-family model; "
+                             f"set model.family=sd3 (got {model_cfg.family!r})")
+        path = str(shipped(T2I_DIR, "text-to-image model"))
     options = {name: getattr(model_cfg, name) for name in _OPTION_FIELDS}
     if options["lora_targets"] is not None:
         options["lora_targets"] = list(options["lora_targets"])
-    return cls.from_pretrained(model_cfg.path, revision=model_cfg.revision, variant=model_cfg.variant, **options)
+    return cls.from_pretrained(path, revision=model_cfg.revision, variant=model_cfg.variant, **options)
 
 
 def __getattr__(name):
@@ -56,4 +67,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'flowalign.models' has no attribute {name!r}")
 
 
-__all__ = ["FAMILIES", "load_policy", "policy_class", "Cond", "Policy", "FlowPolicy"]
+__all__ = ["FAMILIES", "POCKET_PATH", "load_policy", "policy_class", "Cond", "Policy", "FlowPolicy"]

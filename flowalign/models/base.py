@@ -211,6 +211,7 @@ class Policy:
                 module.eval()
 
         self._has_lora = False
+        self._denoiser_call = None  # a distributed wrapper of the denoiser (see wrap_denoiser)
         if lora_init_path is not None:
             if train_mode == "full":
                 raise ValueError("model.lora_init_path needs train_mode 'lora' (keep training it) or 'none' (frozen)")
@@ -276,6 +277,16 @@ class Policy:
     def denoiser(self) -> torch.nn.Module:
         """The transformer (flow families) or UNet (turbo families)."""
         return getattr(self.pipe, self.denoiser_name)
+
+    def wrap_denoiser(self, module: torch.nn.Module | None) -> None:
+        """Run forwards through ``module`` (the denoiser as ``accelerator.prepare`` returned it: a
+        DDP/FSDP wrapper) so gradients synchronise across processes; configuration and adapters are
+        still read from ``self.denoiser``. ``None`` goes back to the plain module."""
+        self._denoiser_call = module
+
+    def run_denoiser(self, **inputs):
+        """One forward of the denoiser (through its distributed wrapper when there is one)."""
+        return (self._denoiser_call or self.denoiser)(**inputs)
 
     @property
     def vae(self) -> torch.nn.Module:

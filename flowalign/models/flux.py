@@ -102,7 +102,7 @@ class FluxPolicy(FlowPolicy):
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((B,), float(guidance_scale), device=x_BCHW.device, dtype=torch.float32)
-        out = self.denoiser(
+        out = self.run_denoiser(
             hidden_states=pack_latents(x_BCHW.to(self.dtype)),
             timestep=sigma.to(self.dtype),
             guidance=guidance,

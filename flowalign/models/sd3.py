@@ -156,7 +156,7 @@ class SD3Policy(FlowPolicy):
             timestep_B = torch.cat([timestep_B, timestep_B])
             embeds = torch.cat([cond.neg_embeds, embeds])
             pooled = torch.cat([cond.neg_pooled, pooled])
-        out = self.denoiser(
+        out = self.run_denoiser(
             hidden_states=x_in,
             timestep=timestep_B,
             encoder_hidden_states=embeds.to(self.dtype),

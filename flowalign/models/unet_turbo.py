@@ -63,7 +63,7 @@ class TurboPolicy(Policy):
         model_in = (x_T / (self.sigma**2 + 1) ** 0.5).to(self.dtype)
         timestep = torch.full((B,), self.timestep, device=noise_BCHW.device)
         vsf = self.vae_scale_factor
-        eps = self.denoiser(
+        eps = self.run_denoiser(
             model_in,
             timestep,
             encoder_hidden_states=cond.embeds.to(self.dtype),

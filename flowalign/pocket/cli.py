@@ -1,7 +1,7 @@
 """``flowalign pocket ...``: the pocket world from the command line.
 
     flowalign pocket render "two red circles" --out file.png [--size 32] [--seed 0] [--scale 8]
-    flowalign pocket eval [--model DIR] [--prompts FILE] [--steps 20] [--guidance 3] [--out DIR]
+    flowalign pocket eval [--model DIR] [--lora DIR] [--prompts FILE] [--steps 20] [--guidance 3] [--out DIR]
     flowalign pocket build [--out DIR] [--seed 0] [--quick]
 
 ``register(subparsers)`` adds the ``pocket`` command to the ``flowalign`` parser. ``python -m flowalign.pocket.cli ...``
@@ -41,7 +41,7 @@ def _cmd_eval(ns) -> int:
     from .sample import evaluate_model, load_pocket_policy
 
     try:
-        policy = load_pocket_policy(ns.model)
+        policy = load_pocket_policy(ns.model, **({"lora_init_path": ns.lora} if ns.lora else {}))
         report = evaluate_model(policy, ns.prompts, seed=ns.seed, num_steps=ns.steps, guidance_scale=ns.guidance,
                                 limit_per_category=ns.limit_per_category, out_dir=ns.out)
     except (ValueError, FileNotFoundError) as e:
@@ -92,6 +92,7 @@ def register(subparsers) -> None:
     p_eval = sub.add_parser("eval", help="sample a pocket (SD3-format) model on a prompt file and print its "
                                          "gold accuracy per category; writes report.json and grid.png")
     p_eval.add_argument("--model", default=None, help="SD3 pipeline folder (default: the shipped pocket model)")
+    p_eval.add_argument("--lora", default=None, help="LoRA folder to apply (e.g. runs/pocket_flow_grpo/final/lora)")
     p_eval.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="prompt file (.txt or .jsonl)")
     p_eval.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"ODE steps (default {DEFAULT_STEPS})")
     p_eval.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,

@@ -15,7 +15,8 @@ color, shape, count and relation still appears in training; only these pairings 
 **Files** (``write_prompt_sets``; deterministic for a seed, checked by a test against the committed
 copies): ``train.txt``/``.jsonl`` (``TRAIN_PER_CATEGORY`` lines per category, shuffled),
 ``test.txt``/``.jsonl`` (``TEST_PER_CATEGORY`` per category, grouped by category),
-``test_<category>.txt`` (``QUICK_PER_CATEGORY`` each, for quick runs) and ``heldout.json``. A line is
+``test_<category>.txt`` (``QUICK_PER_CATEGORY`` each, for quick runs), ``test_96.jsonl`` (the first 16
+test prompts of each category: training runs' quick held-out eval) and ``heldout.json``. A line is
 one sample, not one distinct prompt: categories with fewer distinct prompts than the quota repeat
 them (in a fixed shuffled cycle) so that every category weighs the same in training and in a
 one-image-per-line evaluation. ``.jsonl`` rows are ``{"prompt", "category", "spec"}``.
@@ -163,6 +164,16 @@ def write_prompt_sets(out_dir: str | os.PathLike = "prompts/pocket", seed: int =
         if name in ("train", "test"):
             atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(_row(s)) + "\n" for s in specs))
             written.append(out / f"{name}.jsonl")
+        if name == "test":
+            # the first 16 test prompts of each category: the quick held-out eval of training runs
+            counts: dict[str, int] = {}
+            small = []
+            for sp in specs:
+                if counts.get(sp.category, 0) < 16:
+                    small.append(sp)
+                    counts[sp.category] = counts.get(sp.category, 0) + 1
+            atomic_write_text(out / "test_96.jsonl", "".join(json.dumps(_row(sp)) + "\n" for sp in small))
+            written.append(out / "test_96.jsonl")
     heldout = {"seed": seed, "heldout": sorted(list(c) for c in HELDOUT)}
     atomic_write_text(out / "heldout.json", json.dumps(heldout, indent=1) + "\n")
     written.append(out / "heldout.json")

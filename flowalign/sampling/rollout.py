@@ -147,7 +147,8 @@ def rollout_branched(
     generator: torch.Generator | None = None,
 ) -> BranchedTrajectory:
     """TempFlow-GRPO rollout: ODE trunk; at each branch step j, K SDE branches from the trunk state,
-    each finished by ODE. Branches of one step run as one batch of B·K."""
+    each finished by ODE. Branches of one step run as one batch of B·K: ``velocity_fn`` then gets B·K
+    rows, the K branches of sample b contiguous (rows b·K … b·K+K−1), and must condition them as b."""
     _check_kind(kind)
     if not plan.is_branching:
         raise ValueError("this plan does not branch; call rollout")

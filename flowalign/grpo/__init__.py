@@ -1,0 +1,19 @@
+"""GRPO fine-tuning of flow models: advantages, losses, and the trainer (``flowalign train``)."""
+
+from .advantages import group_advantages, group_stats, multi_reward_advantages
+from .losses import approx_kl, clip_fraction, mean_kl, ppo_clip_loss, timestep_weights
+
+__all__ = [
+    "group_advantages", "group_stats", "multi_reward_advantages",
+    "approx_kl", "clip_fraction", "mean_kl", "ppo_clip_loss", "timestep_weights",
+    "GRPOTrainer", "train",
+]
+
+
+def __getattr__(name):
+    # the trainer imports accelerate; load it on first use
+    if name in ("GRPOTrainer", "train"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'flowalign.grpo' has no attribute {name!r}")

@@ -1,0 +1,61 @@
+"""The GRPO policy objective, the KL to the reference and per-timestep weights (pure functions).
+
+Log-probs are element-averaged (flowalign's convention, as in Flow-GRPO and DanceGRPO), which is why
+the references' tiny PPO clip range (~1e-4) is the right scale for ``clip_range``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ppo_clip_loss(
+    log_prob_B: torch.Tensor, old_log_prob_B: torch.Tensor, advantages_B: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, per sample (Schulman et al. 2017; Flow-GRPO eq. 6):
+
+        ρ = exp(log π_θ − log π_old),   L = max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))
+
+    → (loss [B], ratio [B]); minimise the mean. Computed in float32.
+    """
+    ratio = torch.exp(log_prob_B.float() - old_log_prob_B.float())
+    adv = advantages_B.float()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between the policy's and the reference's Gaussian transitions, which share the std
+    (Flow-GRPO's mean-space KL): KL = mean_elements((μ_θ − μ_ref)²) / (2σ²) → [B].
+
+    Averaged over elements like the log-probs. ``std`` broadcasts against the means ([B, 1, ...]).
+    """
+    diff = (mean.float() - ref_mean.float()) ** 2
+    dims = tuple(range(1, diff.ndim))
+    return diff.mean(dim=dims) / (2 * std.float().reshape(std.shape[0], -1)[:, 0] ** 2)
+
+
+def timestep_weights(kind: str, std_T: torch.Tensor) -> torch.Tensor:
+    """Loss weight of each recorded step → [..., T] with mean 1 over the last dim.
+
+    ``uniform``: 1. ``noise_aware`` (TempFlow-GRPO, He et al. 2025): proportional to the step's noise
+    scale (its transition std σ_t·√|Δt|), so high-noise early steps, where exploration decides the
+    layout, weigh more than the late refinement steps.
+    """
+    if kind == "uniform":
+        return torch.ones_like(std_T, dtype=torch.float32)
+    if kind == "noise_aware":
+        s = std_T.float()
+        return s / s.mean(dim=-1, keepdim=True)
+    raise ValueError(f"unknown timestep weighting {kind!r}; use 'uniform' or 'noise_aware'")
+
+
+def approx_kl(log_prob_B: torch.Tensor, old_log_prob_B: torch.Tensor) -> torch.Tensor:
+    """½·E[(log π_θ − log π_old)²], the usual cheap estimate of KL(π_old ‖ π_θ) → scalar."""
+    return 0.5 * ((log_prob_B.float() - old_log_prob_B.float()) ** 2).mean()
+
+
+def clip_fraction(ratio_B: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """Fraction of samples whose ratio left [1−ε, 1+ε] → scalar."""
+    return ((ratio_B - 1.0).abs() > clip_range).float().mean()
