@@ -284,9 +284,9 @@ class Policy:
         still read from ``self.denoiser``. ``None`` goes back to the plain module."""
         self._denoiser_call = module
 
-    def run_denoiser(self, **inputs):
+    def run_denoiser(self, *args, **kwargs):
         """One forward of the denoiser (through its distributed wrapper when there is one)."""
-        return (self._denoiser_call or self.denoiser)(**inputs)
+        return (self._denoiser_call or self.denoiser)(*args, **kwargs)
 
     @property
     def vae(self) -> torch.nn.Module:

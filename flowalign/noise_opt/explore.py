@@ -1,0 +1,208 @@
+"""Seed exploration: Best-of-N, and CARINOX (explore seeds, then optimize the noise).
+
+*Best-of-N* samples N noises per prompt (candidate 0 is the starting noise, candidate j ≥ 1 uses
+seed + j), scores each image with the same rewards and keeps the best by reward total: N generator
+calls, no gradients — ReNO's baseline at an equal number of generator calls.
+
+*CARINOX* (Kasaei et al. 2025, "CARINOX: Inference-time Scaling with Category-Aware Reward-based
+Initial Noise Optimization and Exploration") combines both: explore k seeds (Best-of-k), then run
+ReNO from the best one (``optimize="best"``: k + iterations calls) or from each of them
+(``optimize="each"``: k·iterations calls) and keep the best final image. Its optimization clips each
+reward's gradient separately before summing ("multi-clip"), so no single reward dominates the step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .config import GenerationConfig, OptimConfig
+from .reno import (
+    Result, _check_prompts, _progress, _resolve_options, _score, _start_noise, _total, make_generator,
+    optimize_noise, reward_terms, sample_noise,
+)
+
+__all__ = ["best_of_n", "best_of_n_batch", "carinox", "carinox_batch", "explore_noises"]
+
+
+@torch.no_grad()
+def explore_noises(
+    generate: Callable,
+    cond,
+    terms,
+    prompts: list[str],
+    noise0_B: torch.Tensor,
+    num: int,
+    seed: int,
+    indices: list[int],
+    *,
+    metadata=None,
+    device=None,
+    progress: bool = False,
+    on_iteration: Callable | None = None,
+    method: str = "best_of_n",
+) -> list[Result]:
+    """Best-of-``num`` for a batch: candidate 0 is ``noise0_B``, candidate j ≥ 1 is
+    ``sample_noise(shape, seed + j, indices)``. History records: ``iteration`` (= candidate), ``seed``,
+    ``rewards``, ``reward_total``."""
+    t0 = time.time()
+    B = noise0_B.shape[0]
+    device = device if device is not None else noise0_B.device
+    shape = tuple(noise0_B.shape[1:])
+    histories: list[list[dict]] = [[] for _ in range(B)]
+    best_total = torch.full((B,), -float("inf"))
+    best_iter = torch.zeros(B, dtype=torch.long)
+    best_images = best_noise = initial_images = None
+    bar = _progress(progress, num, f"{method} ({B} prompt{'s' if B > 1 else ''})")
+    for j in range(num):
+        noise = noise0_B.float() if j == 0 else sample_noise(shape, seed + j, indices)
+        images = generate(noise.to(device), cond).float().cpu()
+        scores = _score(terms, images.to(device), prompts, metadata, checkpoint=False)
+        total_B = _total(terms, scores).cpu()
+        if initial_images is None:
+            initial_images, best_images, best_noise = images.clone(), images.clone(), noise.cpu().clone()
+        improved = total_B > best_total
+        best_images[improved], best_noise[improved] = images[improved], noise.cpu()[improved]
+        best_iter[improved] = j
+        best_total = torch.where(improved, total_B, best_total)
+        records = []
+        for b in range(B):
+            rec = {"iteration": j, "seed": seed + j, "rewards": {k: float(v[b]) for k, v in scores.items()},
+                   "reward_total": float(total_B[b])}
+            histories[b].append(rec)
+            records.append(rec)
+        if on_iteration is not None:
+            on_iteration(j, images, records)
+        bar.update(1)
+        bar.set_postfix(reward=f"{float(total_B.mean()):.4f}", best=f"{float(best_total.mean()):.4f}")
+    bar.close()
+    seconds = time.time() - t0
+    return [
+        Result(prompt=prompts[b], method=method, best_image=best_images[b], initial_image=initial_images[b],
+               best_noise=best_noise[b], initial_noise=noise0_B[b].detach().cpu().float(),
+               best_reward=float(best_total[b]), initial_reward=histories[b][0]["reward_total"],
+               best_iteration=int(best_iter[b]), generator_calls=num, seconds=seconds / B, history=histories[b])
+        for b in range(B)
+    ]
+
+
+def best_of_n_batch(
+    policy,
+    rewards,
+    prompts: list[str],
+    num: int = 50,
+    gen: GenerationConfig | None = None,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    metadata: list[dict] | None = None,
+    progress: bool = False,
+    on_iteration: Callable | None = None,
+    **overrides,
+) -> list[Result]:
+    """Best-of-``num`` for B prompts under the reward ensemble (any rewards, differentiable or not).
+    Candidate 0 is the noise ReNO would start from (``noise`` or seed ``seed``), so the result is
+    never worse than the un-optimized image by reward."""
+    if num < 1:
+        raise ValueError(f"best_of_n needs num >= 1, got {num}")
+    _, gen = _resolve_options(None, gen, overrides)
+    prompts = _check_prompts(prompts)
+    terms = reward_terms(rewards)
+    noise0 = _start_noise(policy, gen, noise, len(prompts), seed, offset)
+    generate = make_generator(policy, gen)
+    return explore_noises(generate, policy.encode(prompts), terms, prompts, noise0, num, seed,
+                          list(range(offset, offset + len(prompts))), metadata=metadata, device=policy.device,
+                          progress=progress, on_iteration=on_iteration)
+
+
+def best_of_n(policy, rewards, prompt: str, num: int = 50, gen: GenerationConfig | None = None, **kwargs) -> Result:
+    """Best-of-N for one prompt (see ``best_of_n_batch``)."""
+    return best_of_n_batch(policy, rewards, [prompt], num, gen, **kwargs)[0]
+
+
+def carinox_batch(
+    policy,
+    rewards,
+    prompts: list[str],
+    num_seeds: int = 10,
+    optim: OptimConfig | None = None,
+    gen: GenerationConfig | None = None,
+    *,
+    optimize: str = "best",
+    noise: torch.Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+    metadata: list[dict] | None = None,
+    progress: bool = False,
+    on_iteration: Callable | None = None,
+    **overrides,
+) -> list[Result]:
+    """CARINOX for B prompts: explore ``num_seeds`` noises, optimize the best (or each) with ReNO and
+    multi-clip (unless ``multi_clip=False``), keep the best final image.
+
+    ``Result.history`` holds the exploration records, then the optimization records (their
+    ``iteration`` continues the count); ``initial_image`` is candidate 0's image (the un-optimized,
+    un-explored start), ``generator_calls`` counts both phases.
+    """
+    if optimize not in ("best", "each"):
+        raise ValueError(f"carinox optimize must be 'best' or 'each', got {optimize!r}")
+    if num_seeds < 1:
+        raise ValueError(f"carinox needs num_seeds >= 1, got {num_seeds}")
+    optim, gen = _resolve_options(optim, gen, overrides)
+    prompts = _check_prompts(prompts)
+    terms = reward_terms(rewards)
+    B = len(prompts)
+    indices = list(range(offset, offset + B))
+    noise0 = _start_noise(policy, gen, noise, B, seed, offset)
+    generate = make_generator(policy, gen)
+    cond = policy.encode(prompts)
+    t0 = time.time()
+    if optimize == "best":
+        explored = explore_noises(generate, cond, terms, prompts, noise0, num_seeds, seed, indices,
+                                  metadata=metadata, device=policy.device, progress=progress, method="carinox")
+        start = torch.stack([r.best_noise for r in explored])
+        optimized = optimize_noise(generate, cond, terms, prompts, start, optim, metadata=metadata,
+                                   reward_checkpoint=gen.reward_checkpoint, device=policy.device,
+                                   progress=progress, on_iteration=on_iteration, method="carinox")
+        out = []
+        for e, o in zip(explored, optimized):
+            history = e.history + [{**rec, "iteration": num_seeds + rec["iteration"]} for rec in o.history]
+            better = o.best_reward > e.best_reward
+            out.append(Result(
+                prompt=e.prompt, method="carinox", best_image=o.best_image if better else e.best_image,
+                initial_image=e.initial_image, best_noise=o.best_noise if better else e.best_noise,
+                initial_noise=e.initial_noise, best_reward=max(o.best_reward, e.best_reward),
+                initial_reward=e.initial_reward,
+                best_iteration=num_seeds + o.best_iteration if better else e.best_iteration,
+                generator_calls=num_seeds + optim.iterations, seconds=(time.time() - t0) / B, history=history))
+        return out
+    # each: k noises per prompt, rows ordered prompt-major [b0 s0, b0 s1, ..., b1 s0, ...]
+    shape = tuple(noise0.shape[1:])
+    cands = [noise0] + [sample_noise(shape, seed + j, indices) for j in range(1, num_seeds)]
+    noise_all = torch.stack(cands, 1).reshape(B * num_seeds, *shape)
+    rows = [p for p in prompts for _ in range(num_seeds)]
+    meta_rows = None if metadata is None else [m for m in metadata for _ in range(num_seeds)]
+    optimized = optimize_noise(generate, cond.repeat_interleave(num_seeds), terms, rows, noise_all, optim,
+                               metadata=meta_rows, reward_checkpoint=gen.reward_checkpoint, device=policy.device,
+                               progress=progress, on_iteration=on_iteration, method="carinox")
+    out = []
+    for b in range(B):
+        group = optimized[b * num_seeds:(b + 1) * num_seeds]
+        j = max(range(num_seeds), key=lambda i: (group[i].best_reward, -i))
+        history = [{**rec, "seed": seed + s, "iteration": s * optim.iterations + rec["iteration"]}
+                   for s, r in enumerate(group) for rec in r.history]
+        out.append(Result(
+            prompt=prompts[b], method="carinox", best_image=group[j].best_image, initial_image=group[0].initial_image,
+            best_noise=group[j].best_noise, initial_noise=group[0].initial_noise, best_reward=group[j].best_reward,
+            initial_reward=group[0].initial_reward, best_iteration=j * optim.iterations + group[j].best_iteration,
+            generator_calls=num_seeds * optim.iterations, seconds=(time.time() - t0) / B, history=history))
+    return out
+
+
+def carinox(policy, rewards, prompt: str, num_seeds: int = 10, optim: OptimConfig | None = None,
+            gen: GenerationConfig | None = None, **kwargs) -> Result:
+    """CARINOX for one prompt (see ``carinox_batch``)."""
+    return carinox_batch(policy, rewards, [prompt], num_seeds, optim, gen, **kwargs)[0]
