@@ -293,13 +293,14 @@ def test_two_processes_compute_the_advantages_of_the_whole_groups(tmp_path):
     assert gids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     per = {k: torch.tensor(parts[0]["per_reward"][k] + parts[1]["per_reward"][k]) for k in parts[0]["per_reward"]}
     one_proc, masked = multi_reward_advantages(per, parts[0]["weights"], gids, mode="per_reward",
+                                               std_mode=cfg["train"].get("std_mode", "per_prompt"),
                                                clip_max=cfg["train"].get("adv_clip_max", 5.0))
     got = torch.tensor(parts[0]["advantages"] + parts[1]["advantages"])
     torch.testing.assert_close(got, one_proc)
     assert masked.tolist() == parts[0]["masked"] + parts[1]["masked"]
     # the spanning group's advantages are not those of its halves normalised separately
     half, _ = multi_reward_advantages({k: v[4:6] for k, v in per.items()}, parts[0]["weights"], gids[4:6],
-                                      mode="per_reward")
+                                      mode="per_reward", std_mode=cfg["train"].get("std_mode", "per_prompt"))
     if per[next(iter(per))][4:8].std() > 0:
         assert not torch.allclose(half, got[4:6])
 
@@ -336,7 +337,7 @@ def test_every_pocket_preset_runs_an_iteration(tmp_path, preset):
 @pytest.mark.parametrize("overrides, message", [
     (["train.group_size=1"], "train.group_size' must be >= 2"),
     (["model.train_mode=full", "train.kl_beta=0.04"], "needs a frozen reference model"),
-    (["sampling.plan=window", "sampling.window_size=12"], "window_size=12 exceeds sampling.num_steps=10"),
+    (["sampling.plan=window", "sampling.window_size=12"], "window_size=12 exceeds sampling.num_steps=8"),
     (["train.micro_batch_size=1000"], "larger than the images per iteration"),
     (["train.lrr=1"], "did you mean 'train.lr'"),
 ])

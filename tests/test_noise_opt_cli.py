@@ -97,4 +97,4 @@ def test_helpers_and_recipes():
     assert {r.name: r.weight for r in real.rewards} == {"hpsv2.1": 5.0, "imagereward": 1.0, "pickscore": 0.05,
                                                       "clip": 1.0}
     default = load_noise_opt_config()
-    assert default.model.path is None and [r.name for r in default.rewards] == ["pocket_clip"]
+    assert default.model.path == "builtin:pocket" and [r.name for r in default.rewards] == ["pocket_clip"]

@@ -80,15 +80,10 @@ def _load(ns):
 
         cfg.rewards = [RewardSpec(**s) for s in parse_rewards(ns.rewards)]
     seeds = parse_seeds(ns.seeds) if ns.seeds is not None else [cfg.run.seed]
-    if cfg.model.path is None and cfg.model.family != "sd3":
-        raise ConfigError(f"model.path is null, which means the shipped pocket model (an sd3 pipeline), but "
-                          f"model.family={cfg.model.family}; set model.path to a {cfg.model.family} pipeline")
     return cfg, prompts, metadata, seeds
 
 
 def _run(cfg, prompts, metadata, seeds) -> list[dict]:
-    import dataclasses
-
     import torch
     from omegaconf import OmegaConf
 
@@ -106,10 +101,6 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
                              "(use search.method=best_of_n, or differentiable rewards such as clip, hpsv2.1, "
                              "pickscore, imagereward, aesthetic, pocket_clip)")
     model_cfg = cfg.model
-    if model_cfg.path is None:
-        from ..pocket.assets import T2I_DIR, shipped
-
-        model_cfg = dataclasses.replace(model_cfg, path=str(shipped(T2I_DIR, "text-to-image model")))
     policy = load_policy(model_cfg)
     g, o, s = cfg.generation, cfg.optim, cfg.search
     out = Path(cfg.run.output_dir)

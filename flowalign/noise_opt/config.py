@@ -27,7 +27,8 @@ __all__ = [
 class NoiseOptModelConfig(ModelConfig):
     """The frozen generator; ``ModelConfig`` with inference-only defaults and the pocket model as default."""
 
-    path: Optional[str] = _f(None, "hub id or local diffusers pipeline folder; null = the shipped pocket model")
+    path: str = _f("builtin:pocket", "hub id, local diffusers pipeline folder, or builtin:pocket (the pocket "
+                                     "model shipped with flowalign)")
     dtype: str = _f("float32", "dtype of the frozen generator weights (bfloat16/float16 on GPUs)",
                     choices=("float32", "bfloat16", "float16"))
     train_mode: str = _f("none", "must be none: noise optimization changes no weight", choices=("none",))
