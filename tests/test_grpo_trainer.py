@@ -357,3 +357,15 @@ def test_trainer_refuses_missing_prompt_files(tmp_path):
 def test_every_training_recipe_is_a_valid_config(recipe):
     cfg = load_config(ROOT / recipe)
     assert cfg.train.group_size >= 2 and cfg.rewards
+
+
+def test_cli_dry_run_from_another_folder_finds_the_presets_prompt_files(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-m", "flowalign", "train", str(ROOT / "configs/pocket/flow_grpo.yaml"),
+                         "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "images_per_iteration: 128" in ok.stdout and "trained_steps_per_unit: 3" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "flowalign", "train", str(ROOT / "configs/pocket/flow_grpo.yaml"),
+                          "train.prompts=missing.txt", "--dry-run"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "prompt file 'missing.txt' does not exist" in bad.stderr
