@@ -29,19 +29,6 @@ from pathlib import Path
 import torch
 
 
-def _limit(rows: list[dict], per_category: int | None) -> list[dict]:
-    if per_category is None:
-        return rows
-    seen: dict[str, int] = {}
-    kept = []
-    for r in rows:
-        cat = r.get("category", "all")
-        if seen.get(cat, 0) < per_category:
-            kept.append(r)
-            seen[cat] = seen.get(cat, 0) + 1
-    return kept
-
-
 def _gold(images, prompts) -> dict:
     from flowalign.pocket.evaluate import evaluate
 
@@ -72,11 +59,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(ns.threads)
 
     from flowalign.noise_opt import GenerationConfig, OptimConfig, best_of_n_batch, carinox_batch, reno_batch
-    from flowalign.pocket.prompts import load_prompt_file
+    from flowalign.pocket.prompts import limit_per_category, load_prompt_file
     from flowalign.pocket.sample import load_pocket_policy
     from flowalign.rewards import build_reward
 
-    rows = _limit(load_prompt_file(ns.prompts), ns.limit_per_category)
+    rows = limit_per_category(load_prompt_file(ns.prompts), ns.limit_per_category)
     prompts = [r["prompt"] for r in rows]
     policy = load_pocket_policy()
     reward = build_reward("pocket_clip", device="cpu")

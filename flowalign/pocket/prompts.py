@@ -166,18 +166,27 @@ def write_prompt_sets(out_dir: str | os.PathLike = "prompts/pocket", seed: int =
             written.append(out / f"{name}.jsonl")
         if name == "test":
             # the first 16 test prompts of each category: the quick held-out eval of training runs
-            counts: dict[str, int] = {}
-            small = []
-            for sp in specs:
-                if counts.get(sp.category, 0) < 16:
-                    small.append(sp)
-                    counts[sp.category] = counts.get(sp.category, 0) + 1
+            small = limit_per_category(specs, 16, category=lambda sp: sp.category)
             atomic_write_text(out / "test_96.jsonl", "".join(json.dumps(_row(sp)) + "\n" for sp in small))
             written.append(out / "test_96.jsonl")
     heldout = {"seed": seed, "heldout": sorted(list(c) for c in HELDOUT)}
     atomic_write_text(out / "heldout.json", json.dumps(heldout, indent=1) + "\n")
     written.append(out / "heldout.json")
     return written
+
+
+def limit_per_category(rows: list, per_category: int | None, category=lambda r: r.get("category", "all")) -> list:
+    """The first ``per_category`` rows of each category, in file order (all rows when None)."""
+    if per_category is None:
+        return list(rows)
+    seen: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        cat = category(r)
+        if seen.get(cat, 0) < per_category:
+            kept.append(r)
+            seen[cat] = seen.get(cat, 0) + 1
+    return kept
 
 
 def load_prompt_file(path: str | os.PathLike) -> list[dict]:

@@ -53,18 +53,11 @@ def evaluate_model(policy, prompts_file: str | os.PathLike, *, seed: int = 0, nu
     With ``out_dir``: writes ``report.json`` and ``grid.png`` (first 64 samples)."""
     from ..io import atomic_write_json, save_image_grid
     from .evaluate import evaluate
+    from .prompts import limit_per_category as limit_rows
     from .prompts import load_prompt_file
 
     rows = load_prompt_file(prompts_file)
-    if limit_per_category is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in rows:
-            cat = r.get("category", "all")
-            if seen.get(cat, 0) < limit_per_category:
-                kept.append(r)
-                seen[cat] = seen.get(cat, 0) + 1
-        rows = kept
+    rows = limit_rows(rows, limit_per_category)
     prompts = [r["prompt"] for r in rows]
     t0 = time.time()
     images = sample_images(policy, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale)
