@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # No model hub is reachable from our machines; every test loads only what it builds itself.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -10,9 +12,20 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` (minutes of CPU: full pocket training runs) run only with FLOWALIGN_SLOW=1."""
     if os.environ.get("FLOWALIGN_SLOW") == "1":
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="slow; run with FLOWALIGN_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models gain nothing from threads, and on a shared CPU
+    they lose a lot to them (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

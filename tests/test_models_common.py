@@ -17,13 +17,7 @@ from flowalign.models.testing import force_hub_offline, tiny_pipeline_dir
 force_hub_offline()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU they lose a lot to them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost
 
 
 def test_import_flowalign_models_is_light():

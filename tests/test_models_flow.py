@@ -22,13 +22,7 @@ from flowalign.sampling.steps import ode_step
 force_hub_offline()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU they lose a lot to them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost
 
 GUIDANCE = {"sd3": 5.0, "sd3_no_t5": 5.0, "flux_dev": 3.5, "flux_schnell": 0.0}
 PROMPTS = ["a red cat on a blue cube", "a photo of a green ball"]

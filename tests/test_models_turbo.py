@@ -18,13 +18,7 @@ PROMPTS = ["a red cat on a blue cube", "a photo of a green ball"]
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared CPU they lose a lot to them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost
 
 
 @pytest.fixture(scope="session", params=["sd_turbo", "sdxl_turbo"])

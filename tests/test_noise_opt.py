@@ -21,12 +21,7 @@ POCKET_PROMPTS = ["two red circles", "a blue square", "a yellow triangle above a
 POCKET_GEN = GenerationConfig(num_steps=2, guidance_scale=1.5, checkpoint=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from flowalign.models.testing import force_hub_offline
 from flowalign.noise_opt.cli import main, parse_rewards, register, slugify
@@ -13,12 +12,7 @@ from flowalign.noise_opt.config import load_noise_opt_config
 force_hub_offline()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only cost
 
 
 def test_single_prompt_run_writes_images_and_log(tmp_path, capsys):
