@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "Config", "ModelConfig", "SamplingConfig", "TrainConfig", "RewardSpec", "EvalConfig", "RunConfig",
-    "ConfigError", "load_config", "load_structured", "to_yaml", "save_config", "describe",
+    "ConfigError", "load_config", "load_structured", "locate_from_config", "to_yaml", "save_config", "describe",
 ]
 
 
@@ -276,11 +276,32 @@ def load_structured(schema, path: str | os.PathLike | None = None, overrides=())
 
 def load_config(path: str | os.PathLike | None = None, overrides=(), validate: bool = True) -> Config:
     """Defaults ← YAML file ← ``key=value`` overrides, type-checked; with ``validate`` also the
-    cross-field combinations (``validate_config``)."""
+    cross-field combinations (``validate_config``). Relative prompt files (``train.prompts``,
+    ``eval.prompts``) not found from the current folder are looked up from the config file's folder
+    upwards (``locate_from_config``), so a recipe loads the same from any folder."""
     cfg = load_structured(Config, path, overrides)
+    if path is not None:
+        cfg.train.prompts = locate_from_config(cfg.train.prompts, path)
+        if cfg.eval.prompts is not None:
+            cfg.eval.prompts = locate_from_config(cfg.eval.prompts, path)
     if validate:
         validate_config(cfg)
     return cfg
+
+
+def locate_from_config(path: str, config: str | os.PathLike) -> str:
+    """A relative ``path`` that does not exist from the current folder, looked up from the folder of
+    the ``config`` file upwards (``configs/pocket/x.yaml`` finds ``prompts/pocket/train.jsonl`` at the
+    repository root); returned unchanged when found nowhere, so the user of the path reports it."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return path
+    for folder in Path(config).resolve().parents:
+        if (folder / p).exists():
+            return str(folder / p)
+    return path
 
 
 def _typed_error(e: OmegaConfBaseException) -> ConfigError:

@@ -14,21 +14,6 @@ import argparse
 import sys
 
 
-def _locate(path: str, config: str) -> str:
-    """A relative prompt-file path that is not found from the current folder is looked up from the
-    config file's folder upwards (so `flowalign train /repo/configs/pocket/flow_grpo.yaml` works from
-    anywhere); otherwise it is returned unchanged and the trainer reports it missing."""
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return path
-    for folder in Path(config).resolve().parents:
-        if (folder / p).exists():
-            return str(folder / p)
-    return path
-
-
 def _cmd_train(ns) -> int:
     from ..config import ConfigError, load_config
 
@@ -39,12 +24,8 @@ def _cmd_train(ns) -> int:
     overrides = list(ns.overrides)
     if ns.no_resume:
         overrides.append("run.resume=false")
-    cfg = load_config(ns.config, overrides)
+    cfg = load_config(ns.config, overrides)  # finds the recipe's prompt files from any folder
     from pathlib import Path
-
-    cfg.train.prompts = _locate(cfg.train.prompts, ns.config)
-    if cfg.eval.prompts is not None:
-        cfg.eval.prompts = _locate(cfg.eval.prompts, ns.config)
 
     out = Path(cfg.run.output_dir)
     if not cfg.run.resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("iter_*")):

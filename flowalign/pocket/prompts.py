@@ -189,6 +189,18 @@ def limit_per_category(rows: list, per_category: int | None, category=lambda r: 
     return kept
 
 
+def write_prompt_subset(src: str | os.PathLike, out: str | os.PathLike, per_category: int) -> Path:
+    """The first ``per_category`` prompts of each category of ``src`` (a pocket ``.jsonl`` or ``.txt``
+    file) written to ``out`` as ``.jsonl`` rows (e.g. a smaller held-out set for a training run's
+    ``eval.prompts``); returns ``out``."""
+    if per_category < 1:
+        raise ValueError(f"per_category must be >= 1, got {per_category}")
+    if Path(out).suffix != ".jsonl":
+        raise ValueError(f"the subset is written as .jsonl; give an output path ending in .jsonl, got {str(out)!r}")
+    rows = limit_per_category(load_prompt_file(src), per_category)
+    return atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def load_prompt_file(path: str | os.PathLike) -> list[dict]:
     """Rows ``{"prompt", "category", "spec"}`` of a ``.jsonl`` file, or of a ``.txt`` file (one
     prompt per line, parsed). A line outside the grammar raises ``ValueError`` naming file and line."""
