@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="adam", choices=("sgd", "adam"))
     p.add_argument("--grad-clip", type=float, default=0.1)
     p.add_argument("--reg-weight", type=float, default=0.01)
+    p.add_argument("--reward-views", type=int, default=1, help="score the mean over this many shifted copies "
+                   "(ShiftedViews; every method, Best-of-N included)")
+    p.add_argument("--view-shift", type=int, default=2, help="largest shift of --reward-views in pixels")
     p.add_argument("--carinox-seeds", type=int, default=10, help="CARINOX explored seeds k (0 = skip CARINOX); "
                    "it then optimizes for iterations - k calls, the same budget")
     p.add_argument("--methods", default="reno,best_of_n,carinox", help="comma-separated subset")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     reward = build_reward("pocket_clip", device="cpu")
     gen = GenerationConfig(num_steps=ns.steps, guidance_scale=ns.guidance, height=32, width=32, checkpoint=False)
     optim = OptimConfig(iterations=ns.iterations, optimizer=ns.optimizer, lr=ns.lr, grad_clip=ns.grad_clip,
-                        reg_weight=ns.reg_weight)
+                        reg_weight=ns.reg_weight, reward_views=ns.reward_views, view_shift=ns.view_shift)
     methods = [m for m in ns.methods.split(",") if m]
 
     def run(fn, **kw):
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
             res, cpu_s = run(reno_batch, optim=optim)
             per_iter = cpu_s / ns.iterations
         elif method == "best_of_n":
-            res, cpu_s = run(best_of_n_batch, num=ns.iterations)
+            res, cpu_s = run(best_of_n_batch, num=ns.iterations, reward_views=ns.reward_views,
+                             view_shift=ns.view_shift)
             per_iter = cpu_s / ns.iterations
         elif method == "carinox":
             if ns.carinox_seeds <= 0:

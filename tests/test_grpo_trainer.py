@@ -135,6 +135,26 @@ def test_recorded_log_probs_match_the_policy_before_the_update(tmp_path):
         torch.testing.assert_close(res.log_prob, batch.log_probs[:, j], rtol=0, atol=1e-5)
 
 
+def test_policy_gradient_is_the_mean_loss_gradient_and_changes_nothing(tmp_path):
+    cfg = tiny_sd3_config(tmp_path, train={"kl_beta": 0.0})
+    trainer = GRPOTrainer(load(tmp_path, cfg), log=lambda *_: None)
+    batch = trainer.rollout(0)
+    trainer.score(batch)
+    before = [p.detach().clone() for p in trainer.params]
+    grad = trainer.policy_gradient(batch)
+    assert grad.shape == (sum(p.numel() for p in trainer.params),) and grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.params)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+    # the mean over units: the gradient of all rows is the size-weighted mean of two halves' gradients
+    rows = torch.nonzero(~batch.masked).flatten()
+    half_a, half_b = rows[: len(rows) // 2], rows[len(rows) // 2:]
+    mixed = (len(half_a) * trainer.policy_gradient(batch, half_a)
+             + len(half_b) * trainer.policy_gradient(batch, half_b)) / len(rows)
+    torch.testing.assert_close(grad, mixed, rtol=1e-4, atol=1e-9)
+    batch.advantages = torch.zeros_like(batch.advantages)  # no advantage, no KL: no gradient
+    assert trainer.policy_gradient(batch).abs().max() == 0
+
+
 def test_flat_groups_are_masked_and_nothing_is_trained(tmp_path):
     cfg = tiny_sd3_config(tmp_path, rewards=[{"name": "test_grpo_trainer:constant_reward"}])
     trainer = GRPOTrainer(load(tmp_path, cfg), log=lambda *_: None)
@@ -364,3 +384,38 @@ def test_cli_dry_run_from_another_folder_finds_the_presets_prompt_files(tmp_path
                           "train.prompts=missing.txt", "--dry-run"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "prompt file 'missing.txt' does not exist" in bad.stderr
+
+
+class _Brightness:
+    """Mean pixel value: a dense reward whose maximiser is known (brighter images)."""
+
+    name, differentiable = "brightness", False
+
+    def __call__(self, images, prompts, metadata=None):
+        return images.float().mean(dim=(1, 2, 3)), {}
+
+
+def test_grpo_raises_a_known_reward_on_held_out_noise(tmp_path):
+    """The whole loop (SDE rollouts, advantages, clipped update, KL) moves the pocket model towards a
+    reward whose answer is known: brighter images, measured with ODE samples from fresh noise and
+    prompts the run did not train on. (Measured: +56% after 8 iterations, +18% after 4.)"""
+    data = pocket_config(tmp_path, sampling={"num_steps": 8},
+                         train={"group_size": 8, "prompts_per_iteration": 4, "micro_batch_size": 8,
+                                "num_iterations": 5},
+                         eval={"prompts": None})
+    trainer = GRPOTrainer(load(tmp_path, data), reward=_Brightness(), log=lambda *a: None)
+    held_out = [r["prompt"] for r in trainer.prompts[-16:]]
+    noise = torch.randn(16, *trainer.latent_shape, generator=torch.Generator().manual_seed(5))
+
+    def brightness() -> float:
+        trainer.policy.wrap_denoiser(None)
+        with torch.no_grad():
+            images = trainer.policy.generate(noise, trainer.policy.encode(held_out), num_steps=8,
+                                             guidance_scale=1.5, checkpoint=False)
+        trainer.policy.wrap_denoiser(trainer._wrapped)
+        return float(images.mean())
+
+    before = brightness()
+    rewards = [trainer.train_iteration(it)["reward/total/mean"] for it in range(5)]
+    after = brightness()
+    assert after > 1.1 * before, (before, after, rewards)

@@ -216,3 +216,56 @@ def test_sample_noise_matches_the_pocket_rule(pocket):
     from flowalign.pocket.sample import initial_noise
 
     torch.testing.assert_close(sample_noise((4, 8, 8), 3, range(2, 5)), initial_noise(pocket, 3, 3, offset=2))
+
+
+# ------------------------------------------------------------------ shifted views
+
+
+class CornerMean:
+    """Differentiable, position-sensitive: the mean of the top-left 4x4 pixels (all channels)."""
+
+    name, differentiable = "corner", True
+
+    def __call__(self, images, prompts, metadata=None):
+        return images[:, :, :4, :4].mean((1, 2, 3)), {}
+
+
+def test_shifted_views_average_the_reward_over_the_drawn_shifts():
+    from flowalign.rewards import ShiftedViews
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g, requires_grad=True)
+    wrapped = ShiftedViews(CornerMean(), views=5, max_shift=2, seed=4)
+    shifts = ShiftedViews(CornerMean(), views=5, max_shift=2, seed=4).shifts()  # the same draw
+    scores, info = wrapped(images, ["p"] * 3)
+    assert info["views"] == shifts and shifts[0] == (0, 0) and all(abs(v) <= 2 for s in shifts for v in s)
+    assert len(set(shifts)) > 1
+    # by hand: shift the image content by (dx, dy) with edges replicated, then score
+    padded = torch.nn.functional.pad(images.detach(), (2, 2, 2, 2), mode="replicate")
+    expect = torch.stack([padded[:, :, 2 + dy:2 + dy + 4, 2 + dx:2 + dx + 4].mean((1, 2, 3)) for dx, dy in shifts])
+    torch.testing.assert_close(scores.detach(), expect.mean(0))
+    scores.sum().backward()  # gradients reach the pixels
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    # one view is the reward itself; a uniform image scores the same in every view
+    one = ShiftedViews(CornerMean(), views=1)(images.detach(), ["p"] * 3)[0]
+    torch.testing.assert_close(one, CornerMean()(images.detach(), ["p"] * 3)[0])
+    flat = torch.full((2, 3, 16, 16), 0.3)
+    torch.testing.assert_close(wrapped(flat, ["p"] * 2)[0], torch.full((2,), 0.3))
+    with pytest.raises(ValueError, match="views must be >= 1"):
+        ShiftedViews(CornerMean(), views=0)
+
+
+def test_reward_views_keep_searches_deterministic_and_shared_by_best_of_n(pocket, pocket_clip):
+    kw = dict(gen=POCKET_GEN, iterations=3, seed=7, reward_views=3, view_shift=2)
+    a = reno_batch(pocket, pocket_clip, POCKET_PROMPTS[:2], **kw)
+    b = reno_batch(pocket, pocket_clip, POCKET_PROMPTS[:2], **kw)
+    plain = reno_batch(pocket, pocket_clip, POCKET_PROMPTS[:2], gen=POCKET_GEN, iterations=3, seed=7)
+    for x, y, z in zip(a, b, plain):
+        assert [h["reward_total"] for h in x.history] == [h["reward_total"] for h in y.history]
+        assert x.history[0]["reward_total"] != z.history[0]["reward_total"]  # scored over views, not one image
+    bon = best_of_n_batch(pocket, pocket_clip, POCKET_PROMPTS[:2], num=1, gen=POCKET_GEN, seed=7,
+                          reward_views=3, view_shift=2)
+    for x, r in zip(a, bon):  # candidate 0 = ReNO's start, scored with the same first views
+        assert abs(x.history[0]["reward_total"] - r.history[0]["reward_total"]) < 1e-4
+    with pytest.raises(ValueError, match="unknown option"):
+        best_of_n_batch(pocket, pocket_clip, POCKET_PROMPTS[:1], num=1, gen=POCKET_GEN, reward_view=3)

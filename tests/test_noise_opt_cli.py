@@ -40,7 +40,7 @@ def test_prompt_file_batch_with_seeds_and_carinox(tmp_path):
     ns = parser.parse_args(["reno", "--prompts", str(prompts), "--out", str(out), "--seeds", "0,1",
                             "--rewards", "pocket_clip=1,pocket_clip=0.5", "search.method=carinox",
                             "search.num_seeds=2", "optim.iterations=1", "generation.num_steps=1",
-                            "run.batch_size=2", "run.progress=false"])
+                            "run.batch_size=2", "run.progress=false", "optim.reward_views=2"])
     assert ns.func(ns) == 0
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert names == ["0000_a_blue_square_seed0", "0000_a_blue_square_seed1", "0001_a_red_circle_seed0",
@@ -63,6 +63,7 @@ def test_prompt_file_batch_with_seeds_and_carinox(tmp_path):
     (["--prompts", "no/such/file.txt"], [], "does not exist"),
     (["--prompt", "a cat", "--config", "no/such.yaml"], [], "config file not found"),
     (["--prompt", "a cat", "--seeds", "1,x"], [], "comma-separated integers"),
+    (["--prompt", "a cat"], ["optim.reward_views=0"], "optim.reward_views"),
 ])
 def test_bad_input_is_a_clear_error(options, overrides, message, tmp_path, capsys):
     # argparse takes the key=value overrides after the options

@@ -57,7 +57,8 @@ def test_03_reward_hacking(tmp_path, monkeypatch):
 
 def test_04_noise_optimization(tmp_path, monkeypatch):
     _, res = _execute("04_noise_optimization", tmp_path, monkeypatch)
-    assert set(res["strict"]) == {"initial", "Best-of-N", "ReNO", "CARINOX"}
-    for name in ("Best-of-N", "ReNO"):
+    assert set(res["strict"]) == {"initial", "Best-of-N", "ReNO", "Best-of-N (4 views)", "ReNO (4 views)",
+                                  "CARINOX (4 views)"}
+    for name in ("Best-of-N", "ReNO", "Best-of-N (4 views)", "ReNO (4 views)"):
         rewards = [v[1] for _, v in sorted(res["curves"][name].items(), key=lambda kv: int(kv[0]))]
         assert rewards == sorted(rewards)  # best-so-far by reward never falls

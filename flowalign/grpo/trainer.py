@@ -360,6 +360,27 @@ class GRPOTrainer:
                 "train/ratio_mean": mean(stats["ratio"]), "train/grad_norm": mean(stats["grad_norm"]),
                 "train/optimizer_steps": steps}
 
+    def policy_gradient(self, batch: RolloutBatch, rows=None) -> torch.Tensor:
+        """The gradient of the GRPO loss over ``rows`` of a scored batch (default: every unmasked unit),
+        all recorded steps, flattened over the trainable parameters; nothing is stepped and the
+        parameters' ``.grad`` is left empty. For diagnostics: the cosine between the gradients of
+        independent batches measures how much of an update is signal (``benchmarks/grpo_gradient_snr.py``)."""
+        if batch.advantages is None:
+            raise ValueError("score(batch) first: the gradient needs the advantages")
+        rows = torch.nonzero(~batch.masked).flatten() if rows is None else torch.as_tensor(rows)
+        T = batch.log_probs.shape[1]
+        self.optimizer.zero_grad(set_to_none=True)
+        mb = self.cfg.train.micro_batch_size
+        chunks = [rows[a:a + mb] for a in range(0, len(rows), mb)]
+        for chunk in chunks:
+            for j in range(T):
+                self._micro_step(batch, chunk, torch.full((len(chunk),), j), torch.ones(len(chunk), dtype=torch.bool),
+                                 scale=len(chunk) / (T * max(1, len(rows))))
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
+                          for p in self.params])
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad
+
     def _micro_step(self, batch: RolloutBatch, rows, cols, alive, scale: float) -> dict:
         """Loss of one micro-batch at one step per row (column ``cols[i]`` of row ``rows[i]``); backward."""
         t, s = self.cfg.train, self.cfg.sampling

@@ -132,7 +132,8 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
             if s.method == "reno":
                 results = reno_batch(policy, rewards, chunk, o, g, **common)
             elif s.method == "best_of_n":
-                results = best_of_n_batch(policy, rewards, chunk, s.num_seeds, g, **common)
+                results = best_of_n_batch(policy, rewards, chunk, s.num_seeds, g, reward_views=o.reward_views,
+                                          view_shift=o.view_shift, **common)
             else:
                 results = carinox_batch(policy, rewards, chunk, s.num_seeds, o, g, optimize=s.optimize, **common)
             for d, r in zip(dirs, results):

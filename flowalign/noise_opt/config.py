@@ -64,6 +64,11 @@ class OptimConfig:
                                           "grad_clip separately, then sum (CARINOX); false: clip the summed "
                                           "gradient (ReNO); null = on for carinox, off for reno")
     reg_weight: float = _f(0.01, "λ of the χ-norm regularizer ½‖ε‖² − (d−1)·log‖ε‖ (0 = off)", min=0)
+    reward_views: int = _f(1, "score each image as the mean reward over this many copies shifted by whole "
+                              "pixels (view 0 unshifted; flowalign.rewards.ShiftedViews): gradient ascent "
+                              "then cannot win with patterns that fool a single view; 1 = off. Best-of-N "
+                              "uses it too, so both search under the same reward", min=1)
+    view_shift: int = _f(2, "largest shift of reward_views in pixels along each axis", min=0)
 
 
 @dataclass

@@ -108,9 +108,9 @@ def best_of_n_batch(
     never worse than the un-optimized image by reward."""
     if num < 1:
         raise ValueError(f"best_of_n needs num >= 1, got {num}")
-    _, gen = _resolve_options(None, gen, overrides)
+    optim, gen = _resolve_options(None, gen, overrides)  # only reward_views / view_shift apply
     prompts = _check_prompts(prompts)
-    terms = reward_terms(rewards)
+    terms = reward_terms(rewards, optim.reward_views, optim.view_shift)
     noise0 = _start_noise(policy, gen, noise, len(prompts), seed, offset)
     generate = make_generator(policy, gen)
     return explore_noises(generate, policy.encode(prompts), terms, prompts, noise0, num, seed,
@@ -153,7 +153,7 @@ def carinox_batch(
         raise ValueError(f"carinox needs num_seeds >= 1, got {num_seeds}")
     optim, gen = _resolve_options(optim, gen, overrides)
     prompts = _check_prompts(prompts)
-    terms = reward_terms(rewards)
+    terms = reward_terms(rewards, optim.reward_views, optim.view_shift)
     B = len(prompts)
     indices = list(range(offset, offset + B))
     noise0 = _start_noise(policy, gen, noise, B, seed, offset)

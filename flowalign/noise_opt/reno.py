@@ -83,19 +83,26 @@ class RewardTerm:
         return loss_ceiling(self.key)
 
 
-def reward_terms(rewards) -> list[RewardTerm]:
+def reward_terms(rewards, views: int = 1, max_shift: int = 2) -> list[RewardTerm]:
     """A reward callable, a ``flowalign.rewards.MultiReward`` or a list of (reward, weight) pairs as
-    weighted terms (keys as MultiReward names them)."""
-    from ..rewards.base import MultiReward
+    weighted terms (keys as MultiReward names them). With ``views`` > 1 each reward is scored as the
+    mean over that many shifted copies of the image (``flowalign.rewards.ShiftedViews``, a fresh
+    seeded wrapper per call of this function, so a search is deterministic)."""
+    from ..rewards.base import MultiReward, ShiftedViews
 
     if isinstance(rewards, (list, tuple)):
         rewards = MultiReward(list(rewards))
     if isinstance(rewards, MultiReward):
-        return [RewardTerm(k, r, w) for k, r, w in zip(rewards.keys, rewards.rewards, rewards.weights)]
-    if not callable(rewards) or not hasattr(rewards, "name"):
+        terms = [RewardTerm(k, r, w) for k, r, w in zip(rewards.keys, rewards.rewards, rewards.weights)]
+    elif not callable(rewards) or not hasattr(rewards, "name"):
         raise ValueError(f"rewards must be a reward callable with a name, a MultiReward or a list of "
                          f"(reward, weight) pairs; got {type(rewards).__name__}")
-    return [RewardTerm(rewards.name, rewards, 1.0)]
+    else:
+        terms = [RewardTerm(rewards.name, rewards, 1.0)]
+    if views > 1:
+        terms = [RewardTerm(t.key, ShiftedViews(t.reward, views, max_shift, seed=i), t.weight)
+                 for i, t in enumerate(terms)]
+    return terms
 
 
 def _require_differentiable(terms: list[RewardTerm], method: str) -> None:
@@ -324,7 +331,7 @@ def reno_batch(
     """
     optim, gen = _resolve_options(optim, gen, overrides)
     prompts = _check_prompts(prompts)
-    terms = reward_terms(rewards)
+    terms = reward_terms(rewards, optim.reward_views, optim.view_shift)
     noise0 = _start_noise(policy, gen, noise, len(prompts), seed, offset)
     cond = policy.encode(prompts)
     return optimize_noise(make_generator(policy, gen), cond, terms, prompts, noise0, optim, metadata=metadata,

@@ -72,6 +72,50 @@ class MultiReward:
         return f"MultiReward({parts})"
 
 
+class ShiftedViews:
+    """A reward averaged over ``views`` translated copies of each image (view 0 is the image itself,
+    the others shifted by random whole pixels in [-max_shift, max_shift] along each axis, edges
+    replicated); differentiable when the wrapped reward is.
+
+    Gradient ascent on a single view finds pixel patterns that fool that one view (adversarial
+    images that score high and look wrong); a pattern has to survive every shift to raise the mean,
+    so noise optimization climbs what the reward means rather than what it happens to respond to.
+    Shifts of a few pixels keep counts, colors and relative positions. Each call draws new shifts
+    from the wrapper's own generator (seeded), the same for all rows of the batch, so a run is
+    deterministic and a batched run follows each single-prompt run.
+    """
+
+    def __init__(self, reward: Reward, views: int = 4, max_shift: int = 2, seed: int = 0):
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
+        self.reward, self.views, self.max_shift = reward, int(views), int(max_shift)
+        self.name, self.differentiable = reward.name, reward.differentiable
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def shifts(self) -> list[tuple[int, int]]:
+        """The (dx, dy) of the next call's views (advances the generator)."""
+        s = self.max_shift
+        rand = torch.randint(-s, s + 1, (self.views - 1, 2), generator=self._gen).tolist()
+        return [(0, 0)] + [(int(dx), int(dy)) for dx, dy in rand]
+
+    def __call__(self, images, prompts, metadata=None):
+        B, _, H, W = images.shape
+        s = self.max_shift
+        shifts = self.shifts()
+        if self.views == 1 or s == 0:
+            return self.reward(images, prompts, metadata)
+        padded = torch.nn.functional.pad(images, (s, s, s, s), mode="replicate")
+        batch = torch.cat([padded[:, :, s + dy:s + dy + H, s + dx:s + dx + W] for dx, dy in shifts])
+        meta = None if metadata is None else list(metadata) * self.views
+        scores, info = self.reward(batch, list(prompts) * self.views, meta)
+        return scores.reshape(self.views, B).mean(dim=0), {"views": shifts}
+
+    def __repr__(self) -> str:
+        return f"ShiftedViews({self.reward!r}, views={self.views}, max_shift={self.max_shift})"
+
+
 # --------------------------------------------------------------------------------------------------
 # helpers for the model-backed rewards
 
