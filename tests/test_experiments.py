@@ -36,12 +36,13 @@ def test_write_prompt_subset(tmp_path):
 @pytest.mark.parametrize("preset, divisor", [("flow_grpo", 2), ("tempflow_grpo", 2), ("dance_grpo", 4)])
 def test_scale_budget_keeps_optimizer_steps_per_iteration(preset, divisor):
     cfg = load_config(PRESETS / f"{preset}.yaml")
+    recipe_iterations = cfg.train.num_iterations
     small = scale_budget(cfg, num_iterations=9, prompts_per_iteration=4, group_divisor=divisor)
     t0, t1 = cfg.train, small.train
     assert (t1.num_iterations, t1.prompts_per_iteration, t1.group_size) == (9, 4, t0.group_size // divisor)
     steps = lambda t: math.ceil(t.group_size * t.prompts_per_iteration / t.micro_batch_size)  # noqa: E731
     assert steps(t1) == steps(t0)
-    assert cfg.train.num_iterations == 45  # the recipe itself is untouched
+    assert cfg.train.num_iterations == recipe_iterations != 9  # the recipe itself is untouched
 
 
 def test_scale_budget_moves_the_mix_window_over_the_shorter_run():
