@@ -1,9 +1,10 @@
 """How much of a GRPO update is signal: cosine between policy gradients of independent batches.
 
     python benchmarks/grpo_gradient_snr.py [--config configs/pocket/flow_grpo.yaml] [--pairs 2] [key=value ...]
+    python benchmarks/grpo_gradient_snr.py --config configs/pocket/nft.yaml     # the DiffusionNFT objective
 
 For each pair, the same prompts are rolled out twice with independent noise (iterations 100+2k and
-101+2k of the run's seeding), scored, and the gradient of the GRPO loss is taken at the base policy
+101+2k of the run's seeding), scored, and the gradient of the configured objective (GRPO, or nft) is taken at the base policy
 (``GRPOTrainer.policy_gradient``). If a gradient is signal s plus noise n, the expected cosine of two
 independent ones is |s|²/(|s|²+|n|²): near 0, an optimizer step is mostly noise and Adam, which moves
 every weight by ~lr per step whatever the gradient's size, random-walks the model. Also reported: the
@@ -44,13 +45,12 @@ def main(argv=None) -> int:
     grads, images = [], 0
     for k in range(ns.pairs):
         fixed = trainer.sample_prompts(k)
-        trainer.sample_prompts = lambda _it, fixed=fixed: fixed
         pair = []
         for it in (100 + 2 * k, 101 + 2 * k):
-            batch = trainer.rollout(it)
+            batch = trainer.rollout(it, prompt_ids=fixed)
             trainer.score(batch)
             images = len(batch.prompts)
-            pair.append(trainer.policy_gradient(batch))
+            pair.append(trainer.policy_gradient(batch, iteration=it))
         grads.append(pair)
         print(f"pair {k}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
@@ -67,7 +67,9 @@ def main(argv=None) -> int:
            "trainable_params": int(sum(p.numel() for p in trainer.params)),
            "cos_same_prompts": [round(x, 4) for x in same], "cos_same_prompts_mean": round(c, 4),
            "cos_different_prompts_mean": round(mean(cross), 4),
-           "images_per_gradient_for_cos_0.5": round(need), "seconds": round(time.time() - t0, 1)}
+           # None: the mean cosine is <= 0, no signal measurable with these pairs
+           "images_per_gradient_for_cos_0.5": round(need) if need != float("inf") else None,
+           "seconds": round(time.time() - t0, 1)}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -15,8 +15,14 @@ test.jsonl = 96 prompts; 4 Euler steps, CFG 1.5; 50 generator calls per prompt; 
     0     0.656    0.719       0.750          0.625                  0.760
     1     0.573    0.719       0.729          -                      -
 
-All 384 prompts, seed 0, --reward-views 4 (both methods score the mean over 4 shifted copies):
-initial 0.557, Best-of-50 0.771, ReNO (Adam 0.1) 0.755.
+All 384 prompts, --reward-views 4 (every method scores the mean over 4 shifted copies):
+
+    where        seed  initial  Best-of-50  ReNO lr 0.1  ReNO lr 0.05  CARINOX k=10 + 40 (lr 0.1 / 0.05)
+    CPU          0     0.557    0.771       0.755        0.766         see the README
+    H100 (fp32)  0     0.555    0.771       0.766        0.779         0.787 / 0.784
+    H100 (fp32)  1     0.529    0.766       0.747        0.768         - / 0.807
+
+(H100: ``--device cuda``, benchmarks/device_pocket.sh; docs/device_h100_pocket.json.)
 
 ReNO: ~0.12 CPU s per generator call (forward + backward) per prompt, Best-of-N ~0.06.
 """
@@ -47,7 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="Euler steps of the few-step generator")
     p.add_argument("--guidance", type=float, default=1.5, help="CFG scale")
     p.add_argument("--iterations", type=int, default=50, help="ReNO generator calls (= Best-of-N's N)")
-    p.add_argument("--lr", type=float, default=0.1, help="(the paper's SGD setting: --optimizer sgd --lr 5)")
+    p.add_argument("--lr", type=float, default=0.05, help="(configs/reno/pocket.yaml's; the paper's SGD setting: "
+                   "--optimizer sgd --lr 5)")
     p.add_argument("--optimizer", default="adam", choices=("sgd", "adam"))
     p.add_argument("--grad-clip", type=float, default=0.1)
     p.add_argument("--reg-weight", type=float, default=0.01)
@@ -60,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=96, help="prompts optimized in one batch")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device of generator and reward (e.g. cuda)")
     p.add_argument("--out", default=None, help="also write the summary JSON and image grids here")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
@@ -71,22 +79,26 @@ def main(argv=None) -> int:
 
     rows = limit_per_category(load_prompt_file(ns.prompts), ns.limit_per_category)
     prompts = [r["prompt"] for r in rows]
-    policy = load_pocket_policy()
-    reward = build_reward("pocket_clip", device="cpu")
+    policy = load_pocket_policy(device=ns.device)
+    reward = build_reward("pocket_clip", device=ns.device)
     gen = GenerationConfig(num_steps=ns.steps, guidance_scale=ns.guidance, height=32, width=32, checkpoint=False)
     optim = OptimConfig(iterations=ns.iterations, optimizer=ns.optimizer, lr=ns.lr, grad_clip=ns.grad_clip,
                         reg_weight=ns.reg_weight, reward_views=ns.reward_views, view_shift=ns.view_shift)
     methods = [m for m in ns.methods.split(",") if m]
 
+    wall = [0.0]
+
     def run(fn, **kw):
         results = []
-        t0 = time.process_time()
+        t0, w0 = time.process_time(), time.perf_counter()
         for i in range(0, len(prompts), ns.batch_size):
             chunk = prompts[i:i + ns.batch_size]
             results += fn(policy, reward, chunk, gen=gen, seed=ns.seed, offset=i, **kw)
+        wall[0] = time.perf_counter() - w0
         return results, time.process_time() - t0
 
     summary: dict = {"prompts": f"{ns.prompts} ({len(prompts)})", "steps": ns.steps, "guidance": ns.guidance,
+                     "device": str(policy.device),
                      "seed": ns.seed, "reward": "pocket_clip", "optim": vars(optim) | {}, "methods": {}}
     images: dict[str, torch.Tensor] = {}
     for method in methods:
@@ -119,6 +131,7 @@ def main(argv=None) -> int:
             "generator_calls": res[0].generator_calls,
             "mean_reward": round(sum(r.best_reward for r in res) / len(res), 4),
             "cpu_seconds": round(cpu_s, 1),
+            "wall_seconds": round(wall[0], 1),
             "cpu_seconds_per_call_per_prompt": round(per_iter / len(prompts), 4),
         }
         print(json.dumps({method: summary["methods"][method]}), file=sys.stderr, flush=True)

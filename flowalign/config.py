@@ -105,6 +105,14 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "samples per forward/backward, per process", min=1)
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated (each over all its trained timesteps) "
                                              "per optimizer step", min=1)
+    objective: str = _f("grpo", "policy objective: grpo (PPO-clipped policy gradient on the SDE transitions' "
+                                "log-probs: Flow-GRPO, DanceGRPO, ...) or nft (DiffusionNFT, Zheng et al. 2025: "
+                                "flow matching on the final images towards an implicit positive policy and "
+                                "away from a negative one; no log-probs, any sampler)", choices=("grpo", "nft"))
+    nft_beta: float = _f(1.0, "DiffusionNFT's beta: v+ = (1-beta)·v_old + beta·v, v- = (1+beta)·v_old - beta·v",
+                         gt=0)
+    nft_timesteps: int = _f(2, "nft: forward-process noise levels drawn per image and update (from the "
+                               "sampler's sigmas)", min=1)
     lr: float = _f(3e-4, "AdamW learning rate", gt=0)
     weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
     adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
@@ -376,6 +384,11 @@ def validate_config(cfg: Config) -> None:
                 "sampling.sde_kind=cps makes the last step (into sigma=0) deterministic, so it cannot be "
                 "trained; set sampling.include_last_step=false or keep windows/branches before the last step"
             )
+    if t.objective == "nft" and s.plan == "branching":
+        raise ConfigError(
+            "train.objective=nft learns from final images only, so TempFlow branching (one advantage per branch "
+            "step) has nothing to attach to; use sampling.plan=window or full with nft"
+        )
     if s.sde_kind != "cps" and s.noise_level == 0:
         raise ConfigError(
             f"sampling.noise_level=0 makes the {s.sde_kind} SDE deterministic (no log-prob); use a value > 0"

@@ -11,6 +11,8 @@ from flowalign.grpo import (
     group_advantages,
     mean_kl,
     multi_reward_advantages,
+    nft_loss,
+    nft_optimality,
     ppo_clip_loss,
     timestep_weights,
 )
@@ -143,3 +145,28 @@ def test_noise_aware_weights_follow_the_step_std():
     assert timestep_weights("uniform", stds).tolist() == [1.0] * 4
     with pytest.raises(ValueError, match="noise_aware"):
         timestep_weights("linear", stds)
+
+
+def test_nft_optimality_maps_advantages_to_probabilities():
+    r = nft_optimality(torch.tensor([-10.0, -2.5, 0.0, 1.0, 5.0, 7.0]), adv_max=5.0)
+    assert r.tolist() == pytest.approx([0.0, 0.25, 0.5, 0.6, 1.0, 1.0])
+
+
+def test_nft_loss_equals_its_formula_and_its_gradient_at_the_old_policy():
+    gen = torch.Generator().manual_seed(0)
+    v_old, target = torch.randn(3, 2, 2, 2, generator=gen), torch.randn(3, 2, 2, 2, generator=gen)
+    delta = torch.randn(3, 2, 2, 2, generator=gen)
+    r, beta = torch.tensor([1.0, 0.0, 0.3]), 0.5
+    v = v_old + 0.1 * delta
+    pos = ((1 - beta) * v_old + beta * v - target) ** 2
+    neg = ((1 + beta) * v_old - beta * v - target) ** 2
+    want = r * pos.mean(dim=(1, 2, 3)) + (1 - r) * neg.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(nft_loss(v, v_old, target, r, beta), want)
+    # at v = v_old: dL/dv = 2·beta·(2r − 1)·(v_old − target) / elements, so r = 1/2 gives no gradient
+    v0 = v_old.clone().requires_grad_(True)
+    nft_loss(v0, v_old, target, r, beta).sum().backward()
+    expect = 2 * beta * (2 * r - 1).reshape(3, 1, 1, 1) * (v_old - target) / 8
+    torch.testing.assert_close(v0.grad, expect)
+    v1 = v_old.clone().requires_grad_(True)
+    nft_loss(v1, v_old, target, torch.full((3,), 0.5), beta).sum().backward()
+    assert v1.grad.abs().max().item() < 1e-7

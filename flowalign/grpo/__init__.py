@@ -1,11 +1,12 @@
-"""GRPO fine-tuning of flow models: advantages, losses, and the trainer (``flowalign train``)."""
+"""GRPO fine-tuning of flow models: advantages, losses (the clipped policy gradient, and DiffusionNFT's
+forward-process objective), and the trainer (``flowalign train``)."""
 
 from .advantages import group_advantages, group_stats, multi_reward_advantages
-from .losses import approx_kl, clip_fraction, mean_kl, ppo_clip_loss, timestep_weights
+from .losses import approx_kl, clip_fraction, mean_kl, nft_loss, nft_optimality, ppo_clip_loss, timestep_weights
 
 __all__ = [
     "group_advantages", "group_stats", "multi_reward_advantages",
-    "approx_kl", "clip_fraction", "mean_kl", "ppo_clip_loss", "timestep_weights",
+    "approx_kl", "clip_fraction", "mean_kl", "nft_loss", "nft_optimality", "ppo_clip_loss", "timestep_weights",
     "GRPOTrainer", "train",
 ]
 

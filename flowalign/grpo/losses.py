@@ -51,6 +51,31 @@ def timestep_weights(kind: str, std_T: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown timestep weighting {kind!r}; use 'uniform' or 'noise_aware'")
 
 
+def nft_optimality(advantages_B: torch.Tensor, adv_max: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability of each sample: r = ½ + ½·clip(A / A_max, −1, 1) → [B]."""
+    return 0.5 + 0.5 * torch.clamp(advantages_B.float() / adv_max, -1.0, 1.0)
+
+
+def nft_loss(
+    v_B: torch.Tensor, v_old_B: torch.Tensor, target_B: torch.Tensor, r_B: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """DiffusionNFT's negative-aware flow-matching loss (Zheng et al. 2025, eq. 8), per sample:
+
+        v⁺ = (1−β)·v_old + β·v_θ,   v⁻ = (1+β)·v_old − β·v_θ
+        L  = r·mean‖v⁺ − v*‖² + (1−r)·mean‖v⁻ − v*‖²
+
+    with v* = ε − x₀ the flow-matching target at the noised final image x_t = (1−σ)·x₀ + σ·ε. At
+    v_θ = v_old its gradient is 2β·(2r−1)·(v_old − v*)·∂v_θ: positives (r > ½) are regressed towards,
+    negatives away from, and r = ½ contributes nothing. → [B], element-averaged, float32.
+    """
+    v, v_old, tgt = v_B.float(), v_old_B.float(), target_B.float()
+    dims = tuple(range(1, v.ndim))
+    pos = (((1 - beta) * v_old + beta * v - tgt) ** 2).mean(dim=dims)
+    neg = (((1 + beta) * v_old - beta * v - tgt) ** 2).mean(dim=dims)
+    r = r_B.float()
+    return r * pos + (1 - r) * neg
+
+
 def approx_kl(log_prob_B: torch.Tensor, old_log_prob_B: torch.Tensor) -> torch.Tensor:
     """½·E[(log π_θ − log π_old)²], the usual cheap estimate of KL(π_old ‖ π_θ) → scalar."""
     return 0.5 * ((log_prob_B.float() - old_log_prob_B.float()) ** 2).mean()

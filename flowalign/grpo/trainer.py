@@ -44,7 +44,7 @@ from ..sampling.plans import plan_from_config
 from ..sampling.rollout import group_noise, rollout, rollout_branched
 from ..sampling.steps import step_mean_std, transition_log_prob
 from .advantages import multi_reward_advantages
-from .losses import approx_kl, clip_fraction, mean_kl, ppo_clip_loss, timestep_weights
+from .losses import approx_kl, clip_fraction, mean_kl, nft_loss, nft_optimality, ppo_clip_loss, timestep_weights
 
 _MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 _PAIRWISE = ("win_rate",)
@@ -77,6 +77,7 @@ class RolloutBatch:
     sigmas_next: torch.Tensor  # [n, T]
     weights: torch.Tensor  # [n, T] per-step loss weights
     images: torch.Tensor  # [n, 3, H, W] in [0, 1]
+    finals: torch.Tensor | None = None  # [n, C, H, W] final (clean) latents, what objective=nft learns from
     advantages: torch.Tensor | None = None  # [n]
     masked: torch.Tensor | None = None  # [n] bool, flat group (left out of the update)
 
@@ -171,10 +172,11 @@ class GRPOTrainer:
             recorded, units = 1, n_images * len(plan.branch_steps) * plan.num_branches
         else:
             recorded, units = len(plan.record), n_images
-        trained = max(1, int(recorded * t.timestep_fraction))
+        trained = t.nft_timesteps if t.objective == "nft" else max(1, int(recorded * t.timestep_fraction))
         per_proc = units // self.world
         micro = math.ceil(per_proc / t.micro_batch_size)
         return {
+            "objective": t.objective,
             "processes": self.world,
             "trainable_params": sum(p.numel() for p in self.params),
             "groups_per_iteration": t.prompts_per_iteration,
@@ -187,7 +189,7 @@ class GRPOTrainer:
             "micro_batches_per_epoch": micro,
             "optimizer_steps_per_iteration": t.num_inner_epochs * math.ceil(micro / t.gradient_accumulation_steps),
             "effective_batch": f"{t.micro_batch_size * t.gradient_accumulation_steps * self.world} samples × "
-                               f"{trained} steps per optimizer step",
+                               f"{trained} {'noise levels' if t.objective == 'nft' else 'steps'} per optimizer step",
             "total_images": n_images * t.num_iterations,
         }
 
@@ -205,14 +207,19 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ 2. rollout
     @torch.no_grad()
-    def rollout(self, iteration: int) -> RolloutBatch:
+    def rollout(self, iteration: int, prompt_ids: list[int] | None = None) -> RolloutBatch:
+        """The iteration's groups: ``prompt_ids`` (indices into the training prompts, one per group;
+        default ``sample_prompts(iteration)``), noise and SDE draws seeded by (seed, iteration)."""
         cfg, s, t = self.cfg, self.cfg.sampling, self.cfg.train
         G, P = t.group_size, t.prompts_per_iteration
         N = G * P
         n = N // self.world
         lo = self.rank * n
         seed = cfg.run.seed
-        rows = [self.prompts[i] for i in self.sample_prompts(iteration)]
+        ids = self.sample_prompts(iteration) if prompt_ids is None else list(prompt_ids)
+        if len(ids) != P:
+            raise ValueError(f"rollout needs {P} prompt ids (train.prompts_per_iteration), got {len(ids)}")
+        rows = [self.prompts[i] for i in ids]
         noise = group_noise(P, G, self.latent_shape, shared=s.share_group_noise,
                             generator=_gen("cpu", seed, iteration, 1))[lo:lo + n].to(self.device)
         gids = torch.arange(lo, lo + n) // G
@@ -262,7 +269,7 @@ class GRPOTrainer:
         images = torch.cat([self.policy.decode(finals[a:a + chunk]) for a in range(0, len(finals), chunk)])
         metas = [{**m, "group_id": int(g)} for m, g in zip(metas, gids.tolist())]
         return RolloutBatch(prompts, metas, gids, cond, latents, next_latents, log_probs, sigmas_u.contiguous(),
-                            sigmas_next_u.contiguous(), weights.contiguous(), images)
+                            sigmas_next_u.contiguous(), weights.contiguous(), images, finals=finals)
 
     def _velocity(self, x, sigma, cond):
         """Velocity for a rollout; branch batches hold K rows per conditioning row (contiguous)."""
@@ -311,15 +318,21 @@ class GRPOTrainer:
     def update(self, batch: RolloutBatch, iteration: int) -> dict:
         cfg, t, s = self.cfg, self.cfg.train, self.cfg.sampling
         seed = cfg.run.seed
-        n, T = batch.log_probs.shape
-        T_train = max(1, int(T * t.timestep_fraction))
         idx = torch.nonzero(~batch.masked).flatten()
+        if t.objective == "nft":
+            n, T = len(batch.prompts), t.nft_timesteps
+            T_train = T
+            micro_step = functools.partial(self._nft_micro_step, self._nft_targets(batch, iteration))
+        else:
+            n, T = batch.log_probs.shape
+            T_train = max(1, int(T * t.timestep_fraction))
+            micro_step = self._micro_step
         # every process must run the same number of backward passes (DDP): pad with weight-0 samples
         counts = self._gather(torch.tensor([len(idx)], device=self.device)).cpu()
         n_train = int(counts.max())
         if n_train == 0:
             return {"train/optimizer_steps": 0}
-        stats = {"policy_loss": [], "kl": [], "approx_kl": [], "clipfrac": [], "ratio": [], "grad_norm": []}
+        stats: dict[str, list] = {"grad_norm": []}
         steps = 0
         mb = t.micro_batch_size
         for epoch in range(t.num_inner_epochs):
@@ -344,10 +357,10 @@ class GRPOTrainer:
                         ctx = (contextlib.nullcontext() if sync or self.world == 1
                                else self.acc.no_sync(self._wrapped))
                         with ctx:
-                            out = self._micro_step(batch, rows, cols[rows, j], alive,
-                                                   scale=1.0 / (T_train * len(group)))
-                        for k in ("policy_loss", "kl", "approx_kl", "clipfrac", "ratio"):
-                            stats[k].append(out[k])
+                            out = micro_step(batch, rows, cols[rows, j], alive,
+                                             scale=1.0 / (T_train * len(group)))
+                        for k, v in out.items():
+                            stats.setdefault(k, []).append(v)
                 if t.max_grad_norm > 0:
                     stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm)))
                 self.optimizer.step()
@@ -355,27 +368,78 @@ class GRPOTrainer:
                 self._ema_update()
                 steps += 1
         mean = lambda v: float(sum(v) / len(v)) if v else 0.0  # noqa: E731
-        return {"train/policy_loss": mean(stats["policy_loss"]), "train/kl": mean(stats["kl"]),
-                "train/approx_kl": mean(stats["approx_kl"]), "train/clipfrac": mean(stats["clipfrac"]),
-                "train/ratio_mean": mean(stats["ratio"]), "train/grad_norm": mean(stats["grad_norm"]),
-                "train/optimizer_steps": steps}
+        names = {"ratio": "ratio_mean"}
+        return {**{f"train/{names.get(k, k)}": mean(v) for k, v in stats.items()}, "train/optimizer_steps": steps}
 
-    def policy_gradient(self, batch: RolloutBatch, rows=None) -> torch.Tensor:
-        """The gradient of the GRPO loss over ``rows`` of a scored batch (default: every unmasked unit),
-        all recorded steps, flattened over the trainable parameters; nothing is stepped and the
-        parameters' ``.grad`` is left empty. For diagnostics: the cosine between the gradients of
-        independent batches measures how much of an update is signal (``benchmarks/grpo_gradient_snr.py``)."""
+    @torch.no_grad()
+    def _nft_targets(self, batch: RolloutBatch, iteration: int) -> dict:
+        """objective=nft: ``nft_timesteps`` noised copies of each final image, x_t = (1−σ)·x₀ + σ·ε with σ
+        drawn from the sampler's sigmas, their flow-matching targets ε − x₀ and the rollout policy's
+        velocity there (v_old, fixed for the whole update) → dict of [n, K, ...] tensors."""
+        t, s = self.cfg.train, self.cfg.sampling
+        if batch.finals is None:
+            raise ValueError("objective=nft needs the rollout's final latents (RolloutBatch.finals)")
+        n, K = len(batch.prompts), t.nft_timesteps
+        g = _gen("cpu", self.cfg.run.seed, iteration, 6, self.rank)
+        grid = self.sigmas[:-1]
+        sig = grid[torch.randint(len(grid), (n, K), generator=g)]
+        x0 = batch.finals.float().cpu()[:, None]
+        eps = torch.randn((n, K, *x0.shape[2:]), generator=g)
+        sb = sig.reshape(n, K, *([1] * (x0.ndim - 2)))
+        x_t = ((1 - sb) * x0 + sb * eps).to(batch.finals.dtype)
+        v_old = torch.empty_like(x_t)
+        mb = t.micro_batch_size
+        for a in range(0, n, mb):
+            cond = batch.cond[list(range(a, min(a + mb, n)))]
+            for k in range(K):
+                v_old[a:a + mb, k] = self.policy.velocity(x_t[a:a + mb, k].to(self.device),
+                                                          sig[a:a + mb, k].to(self.device), cond,
+                                                          s.guidance_scale).to(v_old.dtype).cpu()
+        return {"x_t": x_t, "sigmas": sig, "target": eps - x0, "v_old": v_old}
+
+    def _nft_micro_step(self, prep: dict, batch: RolloutBatch, rows, cols, alive, scale: float) -> dict:
+        """objective=nft: DiffusionNFT's loss on one micro-batch at one noised copy per row; backward."""
+        t, s = self.cfg.train, self.cfg.sampling
+        dev = self.device
+        x, sig = prep["x_t"][rows, cols].to(dev), prep["sigmas"][rows, cols].to(dev)
+        v_old, target = prep["v_old"][rows, cols].to(dev), prep["target"][rows, cols].to(dev)
+        r = nft_optimality(batch.advantages[rows].to(dev), t.adv_clip_max)
+        cond = batch.cond[rows.tolist()]
+        v = self.policy.velocity(x, sig, cond, s.guidance_scale)
+        loss_B = nft_loss(v, v_old, target, r, t.nft_beta)
+        kl = torch.zeros_like(loss_B)
+        if t.kl_beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                v_ref = self.policy.velocity(x, sig, cond, s.guidance_scale)
+            kl = ((v.float() - v_ref.float()) ** 2).flatten(1).mean(1)
+        a = alive.to(dev)
+        loss = (a.float() * (loss_B + t.kl_beta * kl)).sum() / len(rows) * scale
+        self.acc.backward(loss)
+        with torch.no_grad():
+            return {"policy_loss": float(loss_B[a].mean()) if a.any() else 0.0,
+                    "kl": float(kl[a].mean()) if a.any() else 0.0}
+
+    def policy_gradient(self, batch: RolloutBatch, rows=None, iteration: int = 0) -> torch.Tensor:
+        """The gradient of the configured objective (GRPO, or nft with the noise levels drawn for
+        ``iteration``) over ``rows`` of a scored batch (default: every unmasked unit), all recorded steps
+        (noise levels), flattened over the trainable parameters; nothing is stepped and the parameters'
+        ``.grad`` is left empty. For diagnostics: the cosine between the gradients of independent
+        batches measures how much of an update is signal (``benchmarks/grpo_gradient_snr.py``)."""
         if batch.advantages is None:
             raise ValueError("score(batch) first: the gradient needs the advantages")
         rows = torch.nonzero(~batch.masked).flatten() if rows is None else torch.as_tensor(rows)
-        T = batch.log_probs.shape[1]
+        if self.cfg.train.objective == "nft":
+            T, micro_step = self.cfg.train.nft_timesteps, functools.partial(
+                self._nft_micro_step, self._nft_targets(batch, iteration))
+        else:
+            T, micro_step = batch.log_probs.shape[1], self._micro_step
         self.optimizer.zero_grad(set_to_none=True)
         mb = self.cfg.train.micro_batch_size
         chunks = [rows[a:a + mb] for a in range(0, len(rows), mb)]
         for chunk in chunks:
             for j in range(T):
-                self._micro_step(batch, chunk, torch.full((len(chunk),), j), torch.ones(len(chunk), dtype=torch.bool),
-                                 scale=len(chunk) / (T * max(1, len(rows))))
+                micro_step(batch, chunk, torch.full((len(chunk),), j), torch.ones(len(chunk), dtype=torch.bool),
+                           scale=len(chunk) / (T * max(1, len(rows))))
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
                           for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)
@@ -476,21 +540,27 @@ class GRPOTrainer:
         """The eval images: image i of the eval set starts from noise seeded by (eval.seed, i)."""
         e, s = self.cfg.eval, self.cfg.sampling
         prompts = [r["prompt"] for r in self.eval_prompts for _ in range(e.num_images)]
-        self.policy.wrap_denoiser(None)  # one process samples: no collective ops
         out = []
+        with self.local_denoiser(), self.ema_weights():
+            for a in range(0, len(prompts), e.batch_size):
+                chunk = prompts[a:a + e.batch_size]
+                noise = torch.stack([torch.randn(self.latent_shape, generator=_gen("cpu", e.seed, a + i, 5))
+                                     for i in range(len(chunk))]).to(self.device)
+                cond = self.policy.encode(chunk)
+                out.append(self.policy.generate(noise, cond, num_steps=s.eval_num_steps,
+                                                guidance_scale=s.guidance_scale, shift=s.shift,
+                                                checkpoint=False).cpu())
+        return torch.cat(out), prompts
+
+    @contextlib.contextmanager
+    def local_denoiser(self):
+        """The policy with its bare denoiser (no distributed wrapper) inside the context: for sampling on
+        one process (eval, notebooks, diagnostics), where a wrapper's collective ops would hang."""
+        self.policy.wrap_denoiser(None)
         try:
-            with self.ema_weights():
-                for a in range(0, len(prompts), e.batch_size):
-                    chunk = prompts[a:a + e.batch_size]
-                    noise = torch.stack([torch.randn(self.latent_shape, generator=_gen("cpu", e.seed, a + i, 5))
-                                         for i in range(len(chunk))]).to(self.device)
-                    cond = self.policy.encode(chunk)
-                    out.append(self.policy.generate(noise, cond, num_steps=s.eval_num_steps,
-                                                    guidance_scale=s.guidance_scale, shift=s.shift,
-                                                    checkpoint=False).cpu())
+            yield self.policy
         finally:
             self.policy.wrap_denoiser(self._wrapped)
-        return torch.cat(out), prompts
 
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
