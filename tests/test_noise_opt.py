@@ -269,3 +269,5 @@ def test_reward_views_keep_searches_deterministic_and_shared_by_best_of_n(pocket
         assert abs(x.history[0]["reward_total"] - r.history[0]["reward_total"]) < 1e-4
     with pytest.raises(ValueError, match="unknown option"):
         best_of_n_batch(pocket, pocket_clip, POCKET_PROMPTS[:1], num=1, gen=POCKET_GEN, reward_view=3)
+    with pytest.raises(ValueError, match=r"no optimizer options \(lr\)"):
+        best_of_n_batch(pocket, pocket_clip, POCKET_PROMPTS[:1], num=1, gen=POCKET_GEN, lr=0.1)

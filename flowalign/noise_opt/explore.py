@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .config import GenerationConfig, OptimConfig
+from .config import GenerationConfig, OptimConfig, split_overrides
 from .reno import (
     Result, _check_prompts, _progress, _resolve_options, _score, _start_noise, _total, make_generator,
     optimize_noise, reward_terms, sample_noise,
@@ -108,7 +108,12 @@ def best_of_n_batch(
     never worse than the un-optimized image by reward."""
     if num < 1:
         raise ValueError(f"best_of_n needs num >= 1, got {num}")
-    optim, gen = _resolve_options(None, gen, overrides)  # only reward_views / view_shift apply
+    scoring = {"reward_views", "view_shift"}
+    ignored = sorted(k for k in split_overrides(overrides)[0] if k not in scoring)
+    if ignored:
+        raise ValueError(f"best_of_n takes no optimizer options ({', '.join(ignored)}): it only samples and "
+                         f"scores; of OptimConfig's fields only {sorted(scoring)} apply")
+    optim, gen = _resolve_options(None, gen, overrides)
     prompts = _check_prompts(prompts)
     terms = reward_terms(rewards, optim.reward_views, optim.view_shift)
     noise0 = _start_noise(policy, gen, noise, len(prompts), seed, offset)
