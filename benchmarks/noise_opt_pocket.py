@@ -18,7 +18,7 @@ test.jsonl = 96 prompts; 4 Euler steps, CFG 1.5; 50 generator calls per prompt; 
 All 384 prompts, --reward-views 4 (every method scores the mean over 4 shifted copies):
 
     where        seed  initial  Best-of-50  ReNO lr 0.1  ReNO lr 0.05  CARINOX k=10 + 40 (lr 0.1 / 0.05)
-    CPU          0     0.557    0.771       0.755        0.766         see the README
+    CPU          0     0.557    0.771       0.755        0.766         0.789 / -
     H100 (fp32)  0     0.555    0.771       0.766        0.779         0.787 / 0.784
     H100 (fp32)  1     0.529    0.766       0.747        0.768         - / 0.807
 
