@@ -319,14 +319,9 @@ class GRPOTrainer:
         cfg, t, s = self.cfg, self.cfg.train, self.cfg.sampling
         seed = cfg.run.seed
         idx = torch.nonzero(~batch.masked).flatten()
-        if t.objective == "nft":
-            n, T = len(batch.prompts), t.nft_timesteps
-            T_train = T
-            micro_step = functools.partial(self._nft_micro_step, self._nft_targets(batch, iteration))
-        else:
-            n, T = batch.log_probs.shape
-            T_train = max(1, int(T * t.timestep_fraction))
-            micro_step = self._micro_step
+        n = len(batch.prompts)
+        T, micro_step = self._objective(batch, iteration)
+        T_train = T if t.objective == "nft" else max(1, int(T * t.timestep_fraction))
         # every process must run the same number of backward passes (DDP): pad with weight-0 samples
         counts = self._gather(torch.tensor([len(idx)], device=self.device)).cpu()
         n_train = int(counts.max())
@@ -371,6 +366,14 @@ class GRPOTrainer:
         names = {"ratio": "ratio_mean"}
         return {**{f"train/{names.get(k, k)}": mean(v) for k, v in stats.items()}, "train/optimizer_steps": steps}
 
+    def _objective(self, batch: RolloutBatch, iteration: int):
+        """(columns per unit, micro-step) of the configured objective: the recorded SDE steps and the
+        clipped policy-gradient step, or (nft) the noise levels drawn for ``iteration`` and NFT's step."""
+        if self.cfg.train.objective == "nft":
+            return self.cfg.train.nft_timesteps, functools.partial(self._nft_micro_step,
+                                                                   self._nft_targets(batch, iteration))
+        return batch.log_probs.shape[1], self._micro_step
+
     @torch.no_grad()
     def _nft_targets(self, batch: RolloutBatch, iteration: int) -> dict:
         """objective=nft: ``nft_timesteps`` noised copies of each final image, x_t = (1−σ)·x₀ + σ·ε with σ
@@ -390,7 +393,7 @@ class GRPOTrainer:
         v_old = torch.empty_like(x_t)
         mb = t.micro_batch_size
         for a in range(0, n, mb):
-            cond = batch.cond[list(range(a, min(a + mb, n)))]
+            cond = batch.cond[a:a + mb]
             for k in range(K):
                 v_old[a:a + mb, k] = self.policy.velocity(x_t[a:a + mb, k].to(self.device),
                                                           sig[a:a + mb, k].to(self.device), cond,
@@ -428,11 +431,7 @@ class GRPOTrainer:
         if batch.advantages is None:
             raise ValueError("score(batch) first: the gradient needs the advantages")
         rows = torch.nonzero(~batch.masked).flatten() if rows is None else torch.as_tensor(rows)
-        if self.cfg.train.objective == "nft":
-            T, micro_step = self.cfg.train.nft_timesteps, functools.partial(
-                self._nft_micro_step, self._nft_targets(batch, iteration))
-        else:
-            T, micro_step = batch.log_probs.shape[1], self._micro_step
+        T, micro_step = self._objective(batch, iteration)
         self.optimizer.zero_grad(set_to_none=True)
         mb = self.cfg.train.micro_batch_size
         chunks = [rows[a:a + mb] for a in range(0, len(rows), mb)]
