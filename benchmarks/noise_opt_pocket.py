@@ -46,6 +46,12 @@ def _gold(images, prompts) -> dict:
             "partial_overall": round(s["partial"]["overall"], 4)}
 
 
+def _curve(snapshots, prompts) -> dict:
+    """Strict gold (overall) of the best image so far, by reward, after each snapshot's call count."""
+    return {str(c): _gold(torch.cat([s.best[c] for s in snapshots]), prompts)["strict"]["overall"]
+            for c in snapshots[0].at}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", default="prompts/pocket/test.jsonl")
@@ -68,10 +74,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=96, help="prompts optimized in one batch")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device of generator and reward (e.g. cuda)")
+    p.add_argument("--curve", action="store_true", help="also report the gold accuracy of each method's best "
+                   "image so far (by reward) after 1, 5, 10, 20, ... calls: the equal-calls comparison at every "
+                   "budget up to --iterations")
     p.add_argument("--out", default=None, help="also write the summary JSON and image grids here")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
 
+    from flowalign.experiments import SearchSnapshots
     from flowalign.noise_opt import GenerationConfig, OptimConfig, best_of_n_batch, carinox_batch, reno_batch
     from flowalign.pocket.prompts import limit_per_category, load_prompt_file
     from flowalign.pocket.sample import load_pocket_policy
@@ -87,13 +97,16 @@ def main(argv=None) -> int:
     methods = [m for m in ns.methods.split(",") if m]
 
     def run(fn, **kw):
-        """→ (results, CPU seconds, wall seconds) of ``fn`` over the prompts in batches."""
-        results = []
+        """→ (results, CPU seconds, wall seconds, curve or None) of ``fn`` over the prompts in batches."""
+        results, snaps = [], []
+        at = sorted({1, 5, 10, *range(20, ns.iterations, 10), ns.iterations})
         t0, w0 = time.process_time(), time.perf_counter()
         for i in range(0, len(prompts), ns.batch_size):
             chunk = prompts[i:i + ns.batch_size]
-            results += fn(policy, reward, chunk, gen=gen, seed=ns.seed, offset=i, **kw)
-        return results, time.process_time() - t0, time.perf_counter() - w0
+            snaps.append(SearchSnapshots([c for c in at if c <= ns.iterations]) if ns.curve else None)
+            results += fn(policy, reward, chunk, gen=gen, seed=ns.seed, offset=i, on_iteration=snaps[-1], **kw)
+        cpu_s, wall_s = time.process_time() - t0, time.perf_counter() - w0
+        return results, cpu_s, wall_s, _curve(snaps, prompts) if ns.curve else None
 
     summary: dict = {"prompts": f"{ns.prompts} ({len(prompts)})", "steps": ns.steps, "guidance": ns.guidance,
                      "device": str(policy.device),
@@ -101,11 +114,11 @@ def main(argv=None) -> int:
     images: dict[str, torch.Tensor] = {}
     for method in methods:
         if method == "reno":
-            res, cpu_s, wall_s = run(reno_batch, optim=optim)
+            res, cpu_s, wall_s, curve = run(reno_batch, optim=optim)
             per_iter = cpu_s / ns.iterations
         elif method == "best_of_n":
-            res, cpu_s, wall_s = run(best_of_n_batch, num=ns.iterations, reward_views=ns.reward_views,
-                             view_shift=ns.view_shift)
+            res, cpu_s, wall_s, curve = run(best_of_n_batch, num=ns.iterations, reward_views=ns.reward_views,
+                                            view_shift=ns.view_shift)
             per_iter = cpu_s / ns.iterations
         elif method == "carinox":
             if ns.carinox_seeds <= 0:
@@ -113,7 +126,7 @@ def main(argv=None) -> int:
             k = ns.carinox_seeds
             assert ns.iterations > k, "carinox needs iterations > carinox-seeds"
             opt_c = OptimConfig(**{**vars(optim), "iterations": ns.iterations - k})
-            res, cpu_s, wall_s = run(carinox_batch, num_seeds=k, optim=opt_c)
+            res, cpu_s, wall_s, curve = run(carinox_batch, num_seeds=k, optim=opt_c)
             per_iter = cpu_s / ns.iterations
         else:
             print(f"unknown method {method!r}", file=sys.stderr)
@@ -132,6 +145,8 @@ def main(argv=None) -> int:
             "wall_seconds": round(wall_s, 1),
             "cpu_seconds_per_call_per_prompt": round(per_iter / len(prompts), 4),
         }
+        if curve is not None:
+            summary["methods"][method]["running_best_strict"] = curve
         print(json.dumps({method: summary["methods"][method]}), file=sys.stderr, flush=True)
     base = summary["methods"]["initial"]["strict"]["overall"]
     summary["gain_over_initial"] = {m: round(v["strict"]["overall"] - base, 4)

@@ -187,6 +187,29 @@ def test_best_of_n_and_carinox_spend_their_calls(pocket, pocket_clip):
     assert each.generator_calls == 4 and len(each.history) == 4
 
 
+@pytest.mark.parametrize("optimize, calls", [("best", 3 + 2), ("each", 2 * 3)])
+def test_carinox_reports_every_call_per_prompt_numbered_as_its_history(pocket, pocket_clip, optimize, calls):
+    """on_iteration sees both phases, B rows per call, numbered like Result.history; the image it saw at
+    the best call is the best image (the CLI saves every iterate through it)."""
+    from flowalign.noise_opt import carinox_batch
+
+    seen = {}
+
+    def record(it, images, records):
+        assert it not in seen and images.shape[0] == 2 and len(records) == 2
+        seen[it] = (images.clone(), [r["reward_total"] for r in records])
+
+    k, iters = (3, 2) if optimize == "best" else (2, 3)
+    res = carinox_batch(pocket, pocket_clip, POCKET_PROMPTS[:2], num_seeds=k, gen=POCKET_GEN, iterations=iters,
+                        seed=5, optimize=optimize, on_iteration=record)
+    assert sorted(seen) == list(range(calls))
+    for b, r in enumerate(res):
+        assert [h["iteration"] for h in sorted(r.history, key=lambda h: h["iteration"])] == list(range(calls))
+        for h in r.history:
+            assert seen[h["iteration"]][1][b] == pytest.approx(h["reward_total"])
+        torch.testing.assert_close(seen[r.best_iteration][0][b], r.best_image)
+
+
 # ------------------------------------------------------------------ other generator families
 
 

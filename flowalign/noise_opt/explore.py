@@ -150,7 +150,8 @@ def carinox_batch(
 
     ``Result.history`` holds the exploration records, then the optimization records (their
     ``iteration`` continues the count); ``initial_image`` is candidate 0's image (the un-optimized,
-    un-explored start), ``generator_calls`` counts both phases.
+    un-explored start), ``generator_calls`` counts both phases. ``on_iteration(iteration, images_B,
+    records_B)`` sees every generator call of both phases with B rows, numbered as in the history.
     """
     if optimize not in ("best", "each"):
         raise ValueError(f"carinox optimize must be 'best' or 'each', got {optimize!r}")
@@ -167,11 +168,12 @@ def carinox_batch(
     t0 = time.time()
     if optimize == "best":
         explored = explore_noises(generate, cond, terms, prompts, noise0, num_seeds, seed, indices,
-                                  metadata=metadata, device=policy.device, progress=progress, method="carinox")
+                                  metadata=metadata, device=policy.device, progress=progress,
+                                  on_iteration=on_iteration, method="carinox")
         start = torch.stack([r.best_noise for r in explored])
         optimized = optimize_noise(generate, cond, terms, prompts, start, optim, metadata=metadata,
-                                   reward_checkpoint=gen.reward_checkpoint, device=policy.device,
-                                   progress=progress, on_iteration=on_iteration, method="carinox")
+                                   reward_checkpoint=gen.reward_checkpoint, device=policy.device, progress=progress,
+                                   on_iteration=_renumbered(on_iteration, num_seeds, 1), method="carinox")
         out = []
         for e, o in zip(explored, optimized):
             history = e.history + [{**rec, "iteration": num_seeds + rec["iteration"]} for rec in o.history]
@@ -192,7 +194,8 @@ def carinox_batch(
     meta_rows = None if metadata is None else [m for m in metadata for _ in range(num_seeds)]
     optimized = optimize_noise(generate, cond.repeat_interleave(num_seeds), terms, rows, noise_all, optim,
                                metadata=meta_rows, reward_checkpoint=gen.reward_checkpoint, device=policy.device,
-                               progress=progress, on_iteration=on_iteration, method="carinox")
+                               progress=progress, on_iteration=_renumbered(on_iteration, optim.iterations, num_seeds,
+                                                                           seed), method="carinox")
     out = []
     for b in range(B):
         group = optimized[b * num_seeds:(b + 1) * num_seeds]
@@ -205,6 +208,25 @@ def carinox_batch(
             initial_reward=group[0].initial_reward, best_iteration=j * optim.iterations + group[j].best_iteration,
             generator_calls=num_seeds * optim.iterations, seconds=(time.time() - t0) / B, history=history))
     return out
+
+
+def _renumbered(on_iteration: Callable | None, stride: int, num_seeds: int, seed: int | None = None):
+    """CARINOX's ``on_iteration`` for its optimization phase, numbered like ``Result.history``: with
+    ``num_seeds`` = 1 (optimize="best") call ``it`` is reported as ``stride + it`` (after the ``stride``
+    explored seeds); otherwise the batch holds ``num_seeds`` rows per prompt (prompt-major) and each
+    seed's B rows are reported separately as call ``s·stride + it`` (with ``seed`` + s in the records)."""
+    if on_iteration is None:
+        return None
+
+    def report(it, images, records):
+        if num_seeds == 1:
+            on_iteration(stride + it, images, [{**r, "iteration": stride + it} for r in records])
+            return
+        for s in range(num_seeds):
+            n = s * stride + it
+            on_iteration(n, images[s::num_seeds], [{**r, "iteration": n, "seed": seed + s}
+                                                   for r in records[s::num_seeds]])
+    return report
 
 
 def carinox(policy, rewards, prompt: str, num_seeds: int = 10, optim: OptimConfig | None = None,
