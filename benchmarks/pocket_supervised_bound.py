@@ -12,9 +12,10 @@ not counted). Prints JSON.
     python benchmarks/pocket_supervised_bound.py --minutes 20 --lr 3e-4 --threads 1
 
 Measured (2026-11-27, one core shared with another job, LoRA r32, lr 3e-4, batch 64): base 0.659;
-0.677 / 0.672 / 0.693 / 0.656 after 5 / 10 / 15 / 20 minutes (320 / 628 / 896 / 1179 steps) —
-ground-truth images of the training prompts do not lift held-out accuracy by more than the eval's
-±0.02 in the budget either.
+0.677 / 0.672 / 0.693 / 0.656 after 5 / 10 / 15 / 20 minutes (320 / 628 / 896 / 1179 steps); full
+transformer, lr 1e-4 (``--train-mode full --lr 1e-4``): 0.667 / 0.667 / 0.688 / 0.643 (278 / 570 / 838 /
+1094 steps) — ground-truth images of the training prompts do not lift held-out accuracy by more than
+the eval's ±0.02 in the budget either.
 """
 
 from __future__ import annotations
