@@ -104,11 +104,11 @@ def main(argv=None) -> int:
     def run(fn, **kw):
         """→ (results, CPU seconds, wall seconds, curve or None) of ``fn`` over the prompts in batches."""
         results, snaps = [], []
-        at = sorted({1, 5, 10, *range(20, ns.iterations, 10), ns.iterations})
+        at = sorted(c for c in {1, 5, 10, *range(20, ns.iterations, 10), ns.iterations} if c <= ns.iterations)
         t0, w0 = time.process_time(), time.perf_counter()
         for i in range(0, len(prompts), ns.batch_size):
             chunk = prompts[i:i + ns.batch_size]
-            snaps.append(SearchSnapshots([c for c in at if c <= ns.iterations]) if ns.curve else None)
+            snaps.append(SearchSnapshots(at) if ns.curve else None)
             results += fn(policy, reward, chunk, gen=gen, seed=ns.seed, offset=i, on_iteration=snaps[-1], **kw)
         cpu_s, wall_s = time.process_time() - t0, time.perf_counter() - w0
         return results, cpu_s, wall_s, _curve(snaps, prompts) if ns.curve else None

@@ -171,12 +171,16 @@ def carinox_batch(
                                   metadata=metadata, device=policy.device, progress=progress,
                                   on_iteration=on_iteration, method="carinox")
         start = torch.stack([r.best_noise for r in explored])
+        report = None
+        if on_iteration is not None:
+            def report(it, images, records):  # optimization calls follow the explored ones
+                on_iteration(num_seeds + it, images, [_renumber(r, num_seeds + it) for r in records])
         optimized = optimize_noise(generate, cond, terms, prompts, start, optim, metadata=metadata,
-                                   reward_checkpoint=gen.reward_checkpoint, device=policy.device, progress=progress,
-                                   on_iteration=_renumbered(on_iteration, num_seeds, 1), method="carinox")
+                                   reward_checkpoint=gen.reward_checkpoint, device=policy.device,
+                                   progress=progress, on_iteration=report, method="carinox")
         out = []
         for e, o in zip(explored, optimized):
-            history = e.history + [{**rec, "iteration": num_seeds + rec["iteration"]} for rec in o.history]
+            history = e.history + [_renumber(rec, num_seeds + rec["iteration"]) for rec in o.history]
             better = o.best_reward > e.best_reward
             out.append(Result(
                 prompt=e.prompt, method="carinox", best_image=o.best_image if better else e.best_image,
@@ -192,41 +196,37 @@ def carinox_batch(
     noise_all = torch.stack(cands, 1).reshape(B * num_seeds, *shape)
     rows = [p for p in prompts for _ in range(num_seeds)]
     meta_rows = None if metadata is None else [m for m in metadata for _ in range(num_seeds)]
+
+    def call(s: int, it: int) -> int:  # seed s's iteration it, as a call of the whole search
+        return s * optim.iterations + it
+
+    report = None
+    if on_iteration is not None:
+        def report(it, images, records):  # each seed's B rows separately, as that seed's call
+            for s in range(num_seeds):
+                on_iteration(call(s, it), images[s::num_seeds],
+                             [_renumber(r, call(s, it), seed + s) for r in records[s::num_seeds]])
     optimized = optimize_noise(generate, cond.repeat_interleave(num_seeds), terms, rows, noise_all, optim,
                                metadata=meta_rows, reward_checkpoint=gen.reward_checkpoint, device=policy.device,
-                               progress=progress, on_iteration=_renumbered(on_iteration, optim.iterations, num_seeds,
-                                                                           seed), method="carinox")
+                               progress=progress, on_iteration=report, method="carinox")
     out = []
     for b in range(B):
         group = optimized[b * num_seeds:(b + 1) * num_seeds]
         j = max(range(num_seeds), key=lambda i: (group[i].best_reward, -i))
-        history = [{**rec, "seed": seed + s, "iteration": s * optim.iterations + rec["iteration"]}
+        history = [_renumber(rec, call(s, rec["iteration"]), seed + s)
                    for s, r in enumerate(group) for rec in r.history]
         out.append(Result(
             prompt=prompts[b], method="carinox", best_image=group[j].best_image, initial_image=group[0].initial_image,
             best_noise=group[j].best_noise, initial_noise=group[0].initial_noise, best_reward=group[j].best_reward,
-            initial_reward=group[0].initial_reward, best_iteration=j * optim.iterations + group[j].best_iteration,
+            initial_reward=group[0].initial_reward, best_iteration=call(j, group[j].best_iteration),
             generator_calls=num_seeds * optim.iterations, seconds=(time.time() - t0) / B, history=history))
     return out
 
 
-def _renumbered(on_iteration: Callable | None, stride: int, num_seeds: int, seed: int | None = None):
-    """CARINOX's ``on_iteration`` for its optimization phase, numbered like ``Result.history``: with
-    ``num_seeds`` = 1 (optimize="best") call ``it`` is reported as ``stride + it`` (after the ``stride``
-    explored seeds); otherwise the batch holds ``num_seeds`` rows per prompt (prompt-major) and each
-    seed's B rows are reported separately as call ``s·stride + it`` (with ``seed`` + s in the records)."""
-    if on_iteration is None:
-        return None
-
-    def report(it, images, records):
-        if num_seeds == 1:
-            on_iteration(stride + it, images, [{**r, "iteration": stride + it} for r in records])
-            return
-        for s in range(num_seeds):
-            n = s * stride + it
-            on_iteration(n, images[s::num_seeds], [{**r, "iteration": n, "seed": seed + s}
-                                                   for r in records[s::num_seeds]])
-    return report
+def _renumber(rec: dict, n: int, seed: int | None = None) -> dict:
+    """A phase's (or seed's) record as call ``n`` of the whole search (of seed ``seed``): how CARINOX
+    numbers both its history and what it reports to ``on_iteration``."""
+    return {**rec, "iteration": n} if seed is None else {**rec, "iteration": n, "seed": seed}
 
 
 def carinox(policy, rewards, prompt: str, num_seeds: int = 10, optim: OptimConfig | None = None,
