@@ -29,6 +29,10 @@ All 384 prompts, --reward-views 4 (every method scores the mean over 4 shifted c
 CPU (``--batch-size 384``): Best-of-N 0.557 / 0.740 / 0.766 / 0.789 / 0.807 / 0.792 / 0.771 and ReNO
 0.557 / 0.732 / 0.779 / 0.784 / 0.773 / 0.789 / 0.773 after 1 / 5 / 10 / 20 / 30 / 40 / 50 calls.
 
+``--out DIR`` also writes ``DIR/per_prompt_strict.json``: every prompt's strict verdict per method, per
+budget (``method@calls``: best so far) and of the call's own image (``method-iterate@calls``), so runs
+of several seeds can be compared prompt by prompt with ``benchmarks/paired_gold.py``.
+
 ReNO: ~0.12 CPU s per generator call (forward + backward) per prompt, Best-of-N ~0.06.
 """
 
@@ -44,17 +48,25 @@ import torch
 
 
 def _gold(images, prompts) -> dict:
+    """Strict gold per category, partial overall, and ``correct``: each prompt's strict verdict as 0/1
+    (for paired comparisons of methods and seeds, e.g. ``benchmarks/paired_gold.py``)."""
     from flowalign.pocket.evaluate import evaluate
 
-    s = evaluate(images, prompts).summary()
+    r = evaluate(images, prompts)
+    s = r.summary()
     return {"strict": {k: round(v, 4) for k, v in s["strict"].items()},
-            "partial_overall": round(s["partial"]["overall"], 4)}
+            "partial_overall": round(s["partial"]["overall"], 4), "correct": r.strict.astype(int).tolist()}
 
 
-def _curve(snapshots, prompts) -> dict:
-    """Strict gold (overall) of the best image so far, by reward, after each snapshot's call count."""
-    return {str(c): _gold(torch.cat([s.best[c] for s in snapshots]), prompts)["strict"]["overall"]
-            for c in snapshots[0].at}
+def _curve(snapshots, prompts) -> tuple[dict, dict]:
+    """Strict gold (overall) of the best image so far, by reward, after each snapshot's call count,
+    and each prompt's verdicts at those counts: of that best image (key ``"c"``) and of the image
+    of call c itself (``"iterate@c"``: an optimizer's current iterate)."""
+    golds = {str(c): _gold(torch.cat([s.best[c] for s in snapshots]), prompts) for c in snapshots[0].at}
+    correct = {c: g["correct"] for c, g in golds.items()}
+    for c in snapshots[0].at:
+        correct[f"iterate@{c}"] = _gold(torch.cat([s.iterate[c] for s in snapshots]), prompts)["correct"]
+    return {c: g["strict"]["overall"] for c, g in golds.items()}, correct
 
 
 def main(argv=None) -> int:
@@ -111,19 +123,20 @@ def main(argv=None) -> int:
             snaps.append(SearchSnapshots(at) if ns.curve else None)
             results += fn(policy, reward, chunk, gen=gen, seed=ns.seed, offset=i, on_iteration=snaps[-1], **kw)
         cpu_s, wall_s = time.process_time() - t0, time.perf_counter() - w0
-        return results, cpu_s, wall_s, _curve(snaps, prompts) if ns.curve else None
+        return results, cpu_s, wall_s, _curve(snaps, prompts) if ns.curve else (None, None)
 
     summary: dict = {"prompts": f"{ns.prompts} ({len(prompts)})", "steps": ns.steps, "guidance": ns.guidance,
                      "device": str(policy.device),
                      "seed": ns.seed, "reward": "pocket_clip", "optim": vars(optim) | {}, "methods": {}}
     images: dict[str, torch.Tensor] = {}
+    correct: dict[str, list[int]] = {}  # per-prompt verdicts, written with --out (not printed)
     for method in methods:
         if method == "reno":
-            res, cpu_s, wall_s, curve = run(reno_batch, optim=optim)
+            res, cpu_s, wall_s, (curve, curve_correct) = run(reno_batch, optim=optim)
             per_iter = cpu_s / ns.iterations
         elif method == "best_of_n":
-            res, cpu_s, wall_s, curve = run(best_of_n_batch, num=ns.iterations, reward_views=ns.reward_views,
-                                            view_shift=ns.view_shift)
+            res, cpu_s, wall_s, (curve, curve_correct) = run(
+                best_of_n_batch, num=ns.iterations, reward_views=ns.reward_views, view_shift=ns.view_shift)
             per_iter = cpu_s / ns.iterations
         elif method == "carinox":
             if ns.carinox_seeds <= 0:
@@ -131,7 +144,7 @@ def main(argv=None) -> int:
             k = ns.carinox_seeds
             assert ns.iterations > k, "carinox needs iterations > carinox-seeds"
             opt_c = OptimConfig(**{**vars(optim), "iterations": ns.iterations - k})
-            res, cpu_s, wall_s, curve = run(carinox_batch, num_seeds=k, optim=opt_c)
+            res, cpu_s, wall_s, (curve, curve_correct) = run(carinox_batch, num_seeds=k, optim=opt_c)
             per_iter = cpu_s / ns.iterations
         else:
             print(f"unknown method {method!r}", file=sys.stderr)
@@ -140,10 +153,14 @@ def main(argv=None) -> int:
         images[method] = best
         if "initial" not in images:
             images["initial"] = torch.stack([r.initial_image for r in res])
-            summary["methods"]["initial"] = {**_gold(images["initial"], prompts), "generator_calls": 1,
+            g0 = _gold(images["initial"], prompts)
+            correct["initial"] = g0.pop("correct")
+            summary["methods"]["initial"] = {**g0, "generator_calls": 1,
                                              "mean_reward": round(sum(r.initial_reward for r in res) / len(res), 4)}
+        g = _gold(best, prompts)
+        correct[method] = g.pop("correct")
         summary["methods"][method] = {
-            **_gold(best, prompts),
+            **g,
             "generator_calls": res[0].generator_calls,
             "mean_reward": round(sum(r.best_reward for r in res) / len(res), 4),
             "cpu_seconds": round(cpu_s, 1),
@@ -152,6 +169,8 @@ def main(argv=None) -> int:
         }
         if curve is not None:
             summary["methods"][method]["running_best_strict"] = curve
+            correct |= {f"{method}-{c}" if c.startswith("iterate") else f"{method}@{c}": v
+                        for c, v in curve_correct.items()}
         print(json.dumps({method: summary["methods"][method]}), file=sys.stderr, flush=True)
     base = summary["methods"]["initial"]["strict"]["overall"]
     summary["gain_over_initial"] = {m: round(v["strict"]["overall"] - base, 4)
@@ -162,6 +181,8 @@ def main(argv=None) -> int:
 
         out = Path(ns.out)
         atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / "per_prompt_strict.json",
+                          {"prompts": prompts, "categories": [r["category"] for r in rows], "correct": correct})
         for name, imgs in images.items():
             save_image_grid(out / f"{name}.png", imgs[:64], nrow=8, scale=4)
     return 0

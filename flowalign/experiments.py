@@ -27,7 +27,8 @@ import torch
 from .config import Config, validate_config
 
 __all__ = [
-    "scale_budget", "RunResult", "run_grpo", "Band", "seed_band", "arm_summary", "arm_difference", "GroupScores", "collect_groups",
+    "scale_budget", "RunResult", "run_grpo", "Band", "seed_band", "arm_summary", "arm_difference",
+    "paired_difference", "GroupScores", "collect_groups",
     "group_advantage_stats", "pair_agreement", "SearchSnapshots",
 ]
 
@@ -186,6 +187,27 @@ def arm_difference(rows: list[dict], a: str, b: str, field: str = "mean_curve") 
     d = ra[field] - rb[field]
     se = math.sqrt(ra[f"{field}_std"] ** 2 / ra["seeds"] + rb[f"{field}_std"] ** 2 / rb["seeds"])
     return d, se
+
+
+def paired_difference(a, b) -> dict:
+    """Method ``a`` vs ``b`` scored on the same prompts (e.g. 0/1 gold verdicts): ``a`` and ``b`` are
+    [prompts] or [seeds, prompts] with the same prompt in the same column. Per prompt the difference
+    is averaged over seeds first (the seeds of one prompt are not independent samples); then
+    ``diff`` = mean over prompts (= mean_a − mean_b), ``se`` = its standard error over prompts
+    (sample std / √prompts), ``ci95`` = diff ± 1.96·se, and ``wins`` / ``losses`` / ``ties`` count the
+    (seed, prompt) cells where a is above / below / equal to b. 0 outside ``ci95``: the prompts tell
+    the methods apart."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim not in (1, 2) or a.size == 0:
+        raise ValueError(f"a and b must have the same shape [prompts] or [seeds, prompts]; got {a.shape} and {b.shape}")
+    a2, b2 = np.atleast_2d(a), np.atleast_2d(b)
+    d = (a2 - b2).mean(0)  # [prompts]
+    n = d.size
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    diff = float(d.mean())
+    return {"mean_a": float(a2.mean()), "mean_b": float(b2.mean()), "diff": diff, "se": se,
+            "ci95": (diff - 1.96 * se, diff + 1.96 * se), "wins": int((a2 > b2).sum()),
+            "losses": int((a2 < b2).sum()), "ties": int((a2 == b2).sum()), "prompts": n, "seeds": a2.shape[0]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from flowalign.config import load_config
 from flowalign.experiments import (
     RunResult, SearchSnapshots, arm_difference, arm_summary, collect_groups, group_advantage_stats, pair_agreement, run_grpo,
-    scale_budget, seed_band,
+    paired_difference, scale_budget, seed_band,
 )
 from flowalign.pocket.prompts import load_prompt_file, write_prompt_subset
 
@@ -201,3 +201,19 @@ def test_search_snapshots_keep_the_best_so_far():
     torch.testing.assert_close(snaps.best[2], torch.stack([r.best_image for r in res]))
     with pytest.raises(ValueError, match=">= 1"):
         SearchSnapshots([0])
+
+
+def test_paired_difference_averages_seeds_per_prompt_before_the_standard_error():
+    # two seeds, four prompts: per-prompt mean differences 1, 0, 0.5, -0.5 -> diff 0.25
+    a = [[1, 1, 1, 0], [1, 0, 1, 0]]
+    b = [[0, 1, 0, 1], [0, 0, 1, 0]]
+    r = paired_difference(a, b)
+    d = np.array([1.0, 0.0, 0.5, -0.5])
+    assert r["diff"] == pytest.approx(0.25) == pytest.approx(r["mean_a"] - r["mean_b"])
+    assert r["se"] == pytest.approx(d.std(ddof=1) / 2)  # over 4 prompts, not 8 cells
+    assert r["ci95"] == pytest.approx((0.25 - 1.96 * r["se"], 0.25 + 1.96 * r["se"]))
+    assert (r["wins"], r["losses"], r["ties"], r["prompts"], r["seeds"]) == (3, 1, 4, 4, 2)
+    same = paired_difference([1, 0, 1], [1, 0, 1])
+    assert same["diff"] == 0 and same["se"] == 0 and same["wins"] == same["losses"] == 0
+    with pytest.raises(ValueError, match="same shape"):
+        paired_difference([1, 0], [1, 0, 1])

@@ -1,0 +1,64 @@
+"""Paired comparison of two noise-search methods over seeds, from ``noise_opt_pocket.py --out`` folders.
+
+Each folder's ``per_prompt_strict.json`` holds every prompt's strict gold verdict per method (and per
+call budget with ``--curve``: keys ``method@calls``). All folders must use the same prompts (one
+folder per noise seed). For the final images and every budget both methods have, prints
+``flowalign.experiments.paired_difference``: mean gold of each, the difference with its standard
+error over prompts (seeds averaged per prompt first), the 95% interval and the wins / losses.
+
+    python benchmarks/paired_gold.py runs/nopt_s2 runs/nopt_s3 --a reno --b best_of_n
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="noise_opt_pocket.py --out folders, one per seed")
+    p.add_argument("--a", default="reno", help="method a (difference is a − b)")
+    p.add_argument("--b", default="best_of_n", help="method b")
+    ns = p.parse_args(argv)
+
+    from flowalign.experiments import paired_difference
+
+    runs = []
+    for folder in ns.folders:
+        path = Path(folder) / "per_prompt_strict.json"
+        if not path.is_file():
+            print(f"{path} not found: run benchmarks/noise_opt_pocket.py with --out {folder}", file=sys.stderr)
+            return 2
+        runs.append(json.loads(path.read_text()))
+    if any(r["prompts"] != runs[0]["prompts"] for r in runs):
+        print("the folders were run on different prompts; pair only runs of the same prompt file", file=sys.stderr)
+        return 2
+
+    def budget(key: str) -> str:
+        return key.partition("@")[2] or "final"
+
+    keys_a = [k for k in runs[0]["correct"] if k.split("@")[0] == ns.a]
+    rows = []
+    for ka in keys_a:
+        kb = ns.b + ka[len(ns.a):]
+        if not all(ka in r["correct"] and kb in r["correct"] for r in runs):
+            continue
+        r = paired_difference([x["correct"][ka] for x in runs], [x["correct"][kb] for x in runs])
+        rows.append({"calls": budget(ka), **r})
+    if not rows:
+        print(f"no budget has both {ns.a!r} and {ns.b!r} in every folder", file=sys.stderr)
+        return 2
+    print(f"{ns.a} − {ns.b}: {len(runs)} seed(s) × {rows[0]['prompts']} prompts (strict gold, mean over images)")
+    print(f"{'calls':>6} {ns.a:>10} {ns.b:>10} {'diff':>7} {'se':>6} {'95% interval':>17} {'wins':>5} {'losses':>6}")
+    for r in rows:
+        lo, hi = r["ci95"]
+        print(f"{r['calls']:>6} {r['mean_a']:>10.3f} {r['mean_b']:>10.3f} {r['diff']:>+7.3f} {r['se']:>6.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}] {r['wins']:>5} {r['losses']:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
