@@ -27,7 +27,9 @@ All 384 prompts, --reward-views 4 (every method scores the mean over 4 shifted c
 ``--curve`` adds each method's gold accuracy of the best-so-far image after 1, 5, 10, 20, ... calls
 (one run gives the equal-calls comparison at every budget). All 384 prompts, seed 0, 4 views, lr 0.05,
 CPU (``--batch-size 384``): Best-of-N 0.557 / 0.740 / 0.766 / 0.789 / 0.807 / 0.792 / 0.771 and ReNO
-0.557 / 0.732 / 0.779 / 0.784 / 0.773 / 0.789 / 0.773 after 1 / 5 / 10 / 20 / 30 / 40 / 50 calls.
+0.557 / 0.732 / 0.779 / 0.784 / 0.773 / 0.789 / 0.773 after 1 / 5 / 10 / 20 / 30 / 40 / 50 calls;
+--seed 3: Best-of-N 0.573 / 0.737 / 0.755 / 0.768 / 0.747 / 0.745 / 0.747, ReNO 0.573 / 0.750 / 0.758 /
+0.781 / 0.789 / 0.784 / 0.781 (ReNO 2 474 CPU-s, 0.129 per call per prompt; Best-of-N 1 457, 0.076).
 
 ``--out DIR`` also writes ``DIR/per_prompt_strict.json``: every prompt's strict verdict per method, per
 budget (``method@calls``: best so far) and of the call's own image (``method-iterate@calls``), so runs
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--curve", action="store_true", help="also report the gold accuracy of each method's best "
                    "image so far (by reward) after 1, 5, 10, 20, ... calls: the equal-calls comparison at every "
                    "budget up to --iterations")
-    p.add_argument("--out", default=None, help="also write the summary JSON and image grids here")
+    p.add_argument("--out", default=None, help="also write the summary JSON, per-prompt verdicts and image grids "
+                   "here (rewritten after each method)")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
 
@@ -172,20 +175,23 @@ def main(argv=None) -> int:
             correct |= {f"{method}-{c}" if c.startswith("iterate") else f"{method}@{c}": v
                         for c, v in curve_correct.items()}
         print(json.dumps({method: summary["methods"][method]}), file=sys.stderr, flush=True)
-    base = summary["methods"]["initial"]["strict"]["overall"]
-    summary["gain_over_initial"] = {m: round(v["strict"]["overall"] - base, 4)
-                                    for m, v in summary["methods"].items() if m != "initial"}
+        base = summary["methods"]["initial"]["strict"]["overall"]
+        summary["gain_over_initial"] = {m: round(v["strict"]["overall"] - base, 4)
+                                        for m, v in summary["methods"].items() if m != "initial"}
+        if ns.out:  # after every method: a run killed later (e.g. out of memory) keeps what it finished
+            _write(Path(ns.out), summary, prompts, [r["category"] for r in rows], correct, images)
     print(json.dumps(summary, indent=1))
-    if ns.out:
-        from flowalign.io import atomic_write_json, save_image_grid
-
-        out = Path(ns.out)
-        atomic_write_json(out / "summary.json", summary)
-        atomic_write_json(out / "per_prompt_strict.json",
-                          {"prompts": prompts, "categories": [r["category"] for r in rows], "correct": correct})
-        for name, imgs in images.items():
-            save_image_grid(out / f"{name}.png", imgs[:64], nrow=8, scale=4)
     return 0
+
+
+def _write(out: Path, summary: dict, prompts, categories, correct: dict, images: dict) -> None:
+    from flowalign.io import atomic_write_json, save_image_grid
+
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "per_prompt_strict.json",
+                      {"prompts": prompts, "categories": categories, "correct": correct})
+    for name, imgs in images.items():
+        save_image_grid(out / f"{name}.png", imgs[:64], nrow=8, scale=4)
 
 
 if __name__ == "__main__":
