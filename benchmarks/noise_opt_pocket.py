@@ -25,11 +25,12 @@ All 384 prompts, --reward-views 4 (every method scores the mean over 4 shifted c
 (H100: ``--device cuda``, benchmarks/device_pocket.sh; docs/device_h100_pocket.json.)
 
 ``--curve`` adds each method's gold accuracy of the best-so-far image after 1, 5, 10, 20, ... calls
-(one run gives the equal-calls comparison at every budget). All 384 prompts, seed 0, 4 views, lr 0.05,
-CPU (``--batch-size 384``): Best-of-N 0.557 / 0.740 / 0.766 / 0.789 / 0.807 / 0.792 / 0.771 and ReNO
-0.557 / 0.732 / 0.779 / 0.784 / 0.773 / 0.789 / 0.773 after 1 / 5 / 10 / 20 / 30 / 40 / 50 calls;
---seed 3: Best-of-N 0.573 / 0.737 / 0.755 / 0.768 / 0.747 / 0.745 / 0.747, ReNO 0.573 / 0.750 / 0.758 /
-0.781 / 0.789 / 0.784 / 0.781 (ReNO 2 474 CPU-s, 0.129 per call per prompt; Best-of-N 1 457, 0.076).
+(one run gives the equal-calls comparison at every budget). Paired over 56 seeds (all 384 prompts, 4 views,
+lr 0.05, H200, ``bash benchmarks/device_reno_vs_bon.sh``; data in docs/device_h200_reno_vs_bon.tar.gz):
+Best-of-N 0.567 / 0.747 / 0.764 / 0.759 / 0.757 / 0.751 / 0.749 and ReNO 0.567 / 0.724 / 0.754 / 0.768 /
+0.773 / 0.773 / 0.770 after 1 / 5 / 10 / 20 / 30 / 40 / 50 calls; ReNO − Best-of-N at 50 calls +0.021,
+standard error over prompts 0.009 (95% interval +0.004 to +0.039). Single seeds scatter by ±0.03 (CPU
+seed 3: ReNO 2 474 CPU-s, 0.129 per call per prompt; Best-of-N 1 457, 0.076).
 
 ``--out DIR`` also writes ``DIR/per_prompt_strict.json``: every prompt's strict verdict per method, per
 budget (``method@calls``: best so far) and of the call's own image (``method-iterate@calls``), so runs
