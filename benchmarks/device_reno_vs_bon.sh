@@ -31,7 +31,7 @@ worker() {
 }
 pids=()
 for ((w = 0; w < WORKERS; w++)); do worker "$w" & pids+=($!); done
-( sleep "${KILL_AFTER:-420}"; pkill -f noise_opt_pocket.py ) & killer=$!
+( sleep "${KILL_AFTER:-420}"; pkill -f -- "--out $W/nopt_s" ) & killer=$!  # only this script's runs
 wait "${pids[@]}"; kill "$killer" 2>/dev/null
 done_dirs=()
 for d in "$W"/nopt_s*; do
