@@ -14,7 +14,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterable, Mapping
 
-from . import aesthetic, clip, imagereward, jpeg, pickscore, pocket, vlm
+from . import aesthetic, clip, distributional, imagereward, jpeg, pickscore, pocket, vlm
 from .base import MultiReward, Reward
 from .pairwise import FromPointwiseJudge, PairwiseJudge, WinRateReward
 
@@ -49,6 +49,8 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "win_rate": win_rate,
     "pocket_gold": pocket.pocket_gold,
     "pocket_clip": pocket.pocket_clip,
+    "exemplar_similarity": distributional.exemplar_similarity,
+    "exemplar_fd": distributional.exemplar_fd,
 }
 
 JUDGES: dict[str, Callable[..., PairwiseJudge]] = {
