@@ -1,11 +1,15 @@
 """Small output helpers: every file flowalign writes goes through a temp file and an atomic rename,
-so a killed run never leaves a half-written config, report or image behind."""
+so a killed run never leaves a half-written config, report or image behind; ``atomic_dir`` does the
+same for a whole folder (checkpoints, saved models)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -23,6 +27,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+    """A folder written in full or not at all: yields an empty temp folder beside ``final``
+    (``.<name>.partial``; a leftover of a killed write is cleared first), which replaces ``final``
+    when the block ends without error (and is removed when it raises). ``fsync`` flushes every file
+    to disk before the rename (checkpoints a resume must trust)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fsync:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def image_grid(images_BCHW, nrow: int = 8, pad: int = 1, scale: int = 1):

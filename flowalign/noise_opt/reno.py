@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..seeding import sample_noise
 from .config import GenerationConfig, OptimConfig, split_overrides
 from .objective import chi_norm_regularizer, clip_rows, loss_ceiling, multi_clip_sum, row_norms
 
@@ -129,16 +130,6 @@ def make_generator(policy, gen: GenerationConfig) -> Callable[[torch.Tensor, obj
     if gen.guidance_scale > 1:
         raise ValueError(f"{policy.family} runs without CFG; set guidance_scale=0 (got {gen.guidance_scale})")
     return policy.generate
-
-
-def sample_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise [len(indices), *shape]; row ``i`` depends only on (seed, indices[i])
-    (the rule of ``flowalign.pocket.sample.initial_noise``, so sample i of a file is the same alone
-    or in any batch)."""
-    return torch.stack([
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-        for i in indices
-    ])
 
 
 def _score(terms: list[RewardTerm], images, prompts, metadata, checkpoint: bool) -> dict[str, torch.Tensor]:

@@ -26,11 +26,10 @@ def load_pocket_policy(path: str | os.PathLike | None = None, **options):
 
 def initial_noise(policy, n: int, seed: int, size: int = IMAGE_SIZE, offset: int = 0) -> torch.Tensor:
     """Noise for samples ``offset .. offset+n-1``; sample i depends only on (seed, i), so any subset
-    of a prompt file gets the same images as the whole file."""
-    shape = policy.latent_shape(size, size)
-    return torch.stack([
-        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + offset + i)) for i in range(n)
-    ])
+    of a prompt file gets the same images as the whole file (``flowalign.seeding.sample_noise``)."""
+    from ..seeding import sample_noise
+
+    return sample_noise(policy.latent_shape(size, size), seed, range(offset, offset + n))
 
 
 @torch.no_grad()
