@@ -9,37 +9,27 @@ family          diffusers pipeline          adapter
 ``sdxl_turbo``  StableDiffusionXLPipeline   ``unet_turbo.SDXLTurboPolicy`` (one-step generator)
 ==============  ==========================  ===================================================
 
-Importing this package does not import diffusers, transformers or peft; the adapters do when used.
+The table itself is ``families.FAMILIES``. Importing this package does not import diffusers,
+transformers or peft; the adapters do when used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
-FAMILIES = {
-    "sd3": ("flowalign.models.sd3", "SD3Policy"),
-    "flux": ("flowalign.models.flux", "FluxPolicy"),
-    "sd_turbo": ("flowalign.models.unet_turbo", "SDTurboPolicy"),
-    "sdxl_turbo": ("flowalign.models.unet_turbo", "SDXLTurboPolicy"),
-}
+from .families import FAMILIES, SOURCE_FIELDS
 
 # model.path naming the pocket text-to-image model shipped inside flowalign (works from any folder).
 POCKET_PATH = "builtin:pocket"
-
-# ModelConfig fields passed to the adapter's constructor unchanged.
-_OPTION_FIELDS = (
-    "device", "dtype", "train_mode", "lora_rank", "lora_alpha", "lora_targets", "lora_init_path",
-    "gradient_checkpointing", "attention_backend", "compile", "offload_text_encoders",
-    "cache_text_embeddings", "max_sequence_length",
-)
 
 
 def policy_class(family: str):
     """The adapter class of ``family`` (imports its module)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model.family {family!r}; choose one of {sorted(FAMILIES)}")
-    module, name = FAMILIES[family]
-    return getattr(importlib.import_module(module), name)
+    f = FAMILIES[family]
+    return getattr(importlib.import_module(f.module), f.adapter)
 
 
 def load_policy(model_cfg):
@@ -54,7 +44,7 @@ def load_policy(model_cfg):
             raise ValueError(f"model.path={POCKET_PATH!r} is the shipped pocket model, an sd3-family model; "
                              f"set model.family=sd3 (got {model_cfg.family!r})")
         path = str(shipped(T2I_DIR, "text-to-image model"))
-    options = {name: getattr(model_cfg, name) for name in _OPTION_FIELDS}
+    options = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg) if f.name not in SOURCE_FIELDS}
     if options["lora_targets"] is not None:
         options["lora_targets"] = list(options["lora_targets"])
     return cls.from_pretrained(path, revision=model_cfg.revision, variant=model_cfg.variant, **options)

@@ -36,19 +36,12 @@ from typing import ClassVar, Iterator
 
 import torch
 
+from flowalign.models.families import ATTENTION_BACKENDS, FAMILIES, TRAIN_MODES
 from flowalign.sampling.steps import ode_step
 from flowalign.torch_utils import resolve_device, resolve_dtype
 
 # family -> the diffusers pipeline class its folders are saved with (model_index.json `_class_name`)
-PIPELINE_CLASSES = {
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-    "sd_turbo": "StableDiffusionPipeline",
-    "sdxl_turbo": "StableDiffusionXLPipeline",
-}
-
-TRAIN_MODES = ("lora", "full", "none")
-ATTENTION_BACKENDS = ("sdpa", "xformers")
+PIPELINE_CLASSES = {name: f.pipeline for name, f in FAMILIES.items()}
 
 # Flow-GRPO's LoRA targets for MMDiT transformers: the joint attention's image-stream q/k/v/out and
 # its context-stream ("added") projections (module-name suffixes, as peft matches them).

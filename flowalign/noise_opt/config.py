@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ConfigError, ModelConfig, RewardSpec, _f, describe, load_structured
+from ..models.families import ONE_STEP_FAMILIES
 
 __all__ = [
     "NoiseOptConfig", "NoiseOptModelConfig", "GenerationConfig", "OptimConfig", "SearchConfig", "NoiseOptRunConfig",
@@ -117,13 +118,10 @@ def load_noise_opt_config(path: str | os.PathLike | None = None, overrides=()) -
     return cfg
 
 
-TURBO_FAMILIES = ("sd_turbo", "sdxl_turbo")
-
-
 def validate_noise_opt_config(cfg: NoiseOptConfig) -> None:
     """Combinations the schema cannot express; raises ``ConfigError`` naming key and fix."""
     g, o = cfg.generation, cfg.optim
-    if cfg.model.family in TURBO_FAMILIES:
+    if cfg.model.family in ONE_STEP_FAMILIES:
         if g.num_steps != 1:
             raise ConfigError(f"generation.num_steps={g.num_steps}: model.family={cfg.model.family} is a one-step "
                               "generator; set generation.num_steps=1")
