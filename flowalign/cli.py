@@ -33,7 +33,7 @@ def _cmd_config_show(ns) -> int:
 
 
 def _cmd_config_keys(ns) -> int:
-    rows = describe()
+    rows = describe()  # the `flowalign train` config
     width = max(len(k) for k, _, _ in rows)
     for key, default, help_ in rows:
         print(f"{key:<{width}}  {help_}  [default: {default}]")
@@ -43,7 +43,7 @@ def _cmd_config_keys(ns) -> int:
 def _cmd_check_sampler(ns) -> int:
     import torch
 
-    from .sampling import plan_from_config, rollout, rollout_branched, sd3_sigmas
+    from .sampling import SDEPolicy, sd3_sigmas
     from .sampling.analytic import GaussianMixture
 
     path, overrides = _split_config_args(ns.args)
@@ -51,20 +51,15 @@ def _cmd_check_sampler(ns) -> int:
     s = cfg.sampling
     gen = torch.Generator().manual_seed(cfg.run.seed)
     gm = GaussianMixture.default()
-    plan = plan_from_config(s, iteration=0, generator=gen)
-    sigmas = sd3_sigmas(s.num_steps, shift=s.shift if s.shift is not None else 1.0)
+    sde = SDEPolicy.from_config(s, sd3_sigmas(s.num_steps, shift=s.shift if s.shift is not None else 1.0))
+    plan = sde.plan(0, gen)
 
     def velocity(x, sigma):
         return gm.velocity(x, sigma)
 
     noise = torch.randn(ns.samples, gm.dim, generator=gen)
-    kwargs = dict(kind=s.sde_kind, noise_level=s.noise_level, generator=gen)
-    if plan.is_branching:
-        traj = rollout_branched(velocity, noise, sigmas, plan, **kwargs)
-        samples, log_probs = traj.finals.reshape(-1, gm.dim), traj.log_probs
-    else:
-        traj = rollout(velocity, noise, sigmas, plan, **kwargs)
-        samples, log_probs = traj.final, traj.log_probs
+    units = sde.rollout(velocity, noise, plan, gen)
+    samples, log_probs = units.finals, units.log_probs
     truth = gm.component_stats(gm.sample(200_000, torch.Generator().manual_seed(cfg.run.seed + 1))[0])
     got = gm.component_stats(samples)
     mass_err = (got["mass"] - truth["mass"]).abs()
@@ -73,8 +68,8 @@ def _cmd_check_sampler(ns) -> int:
     tol = {"mass": 0.02, "mean": 0.05, "cov": 0.04}
     ok = bool(mass_err.max() <= tol["mass"] and mean_err.max() <= tol["mean"] and cov_err.max() <= tol["cov"])
 
-    print(f"sampler {s.sde_kind} (noise_level {s.noise_level}), plan {s.plan}: {plan.num_steps} steps, "
-          f"{plan.num_sde_steps} SDE, {len(plan.record) or len(plan.branch_steps)} recorded"
+    print(f"sampler {sde.kind} (noise_level {sde.noise_level}), plan {s.plan}: {plan.num_steps} steps, "
+          f"{plan.num_sde_steps} SDE, {len(sde.trained_steps(plan))} recorded"
           + (f", {plan.num_branches} branches each" if plan.is_branching else ""))
     print(f"{len(samples)} samples of a {len(gm.weights)}-component Gaussian mixture in {gm.dim}-D, exact velocity")
     print(f"{'component':>9} {'weight':>7} {'sampled':>8} {'|mean err|':>11} {'|cov err|':>10}")
@@ -84,11 +79,11 @@ def _cmd_check_sampler(ns) -> int:
         print(f"mean log-prob per recorded step (element-averaged): {log_probs.mean():.4f}")
     verdict = "match" if ok else "do NOT match"
     print(f"marginals {verdict} the target (tolerances: mass {tol['mass']}, mean {tol['mean']}, cov {tol['cov']})")
-    if not ok and s.sde_kind == "cps":
+    if not ok and sde.kind == "cps":
         print("note: CPS does not preserve marginals of multi-modal data by design (see flowalign.sampling.steps)")
     if ns.out:
         report = {
-            "config": {"sde_kind": s.sde_kind, "noise_level": s.noise_level, "plan": s.plan, "num_steps": s.num_steps},
+            "config": {"sde_kind": sde.kind, "noise_level": sde.noise_level, "plan": s.plan, "num_steps": s.num_steps},
             "samples": len(samples), "match": ok, "tolerances": tol,
             "true_mass": truth["mass"].tolist(), "sampled_mass": got["mass"].tolist(),
             "mean_err": mean_err.tolist(), "cov_err": cov_err.tolist(),

@@ -57,6 +57,16 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> StepResult:
     return StepResult(mean, mean, torch.zeros_like(t), None)
 
 
+def _flow_grpo_diffusion(t: torch.Tensor, t_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Flow-GRPO's σ_t = a·√(t / (1−t)); at t = 1 the denominator uses 1 − t_next (the reference code's)."""
+    denom = 1 - torch.where(t == 1, t_next, t)
+    return noise_level * torch.sqrt(t / denom)
+
+
+def _flow_grpo_std(t: torch.Tensor, t_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    return _flow_grpo_diffusion(t, t_next, noise_level) * torch.sqrt(-(t_next - t))
+
+
 def flow_grpo_mean_std(x, v, sigma, sigma_next, noise_level: float):
     """Flow-GRPO's SDE step (Liu et al. 2025, "Flow-GRPO", eq. 9–10), the reverse SDE whose
     marginals equal the ODE's:
@@ -69,10 +79,9 @@ def flow_grpo_mean_std(x, v, sigma, sigma_next, noise_level: float):
     x32, v32 = x.float(), v.float()
     t, t_next = _per_sample(sigma, x32), _per_sample(sigma_next, x32)
     dt = t_next - t
-    denom = 1 - torch.where(t == 1, t_next, t)
-    sigma_t = noise_level * torch.sqrt(t / denom)
+    sigma_t = _flow_grpo_diffusion(t, t_next, noise_level)
     mean = x32 + (v32 + sigma_t**2 / (2 * t) * (x32 + (1 - t) * v32)) * dt
-    return mean, sigma_t * torch.sqrt(-dt)
+    return mean, _flow_grpo_std(t, t_next, noise_level)
 
 
 def dance_mean_std(x, v, sigma, sigma_next, noise_level: float):
@@ -85,7 +94,11 @@ def dance_mean_std(x, v, sigma, sigma_next, noise_level: float):
     t, t_next = _per_sample(sigma, x32), _per_sample(sigma_next, x32)
     dt = t_next - t
     mean = x32 + (v32 + noise_level**2 / (2 * t) * (x32 + (1 - t) * v32)) * dt
-    return mean, noise_level * torch.sqrt(-dt)
+    return mean, _dance_std(t, t_next, noise_level)
+
+
+def _dance_std(t: torch.Tensor, t_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    return noise_level * torch.sqrt(-(t_next - t))
 
 
 def cps_mean_std(x, v, sigma, sigma_next, noise_level: float):
@@ -104,12 +117,17 @@ def cps_mean_std(x, v, sigma, sigma_next, noise_level: float):
     t, t_next = _per_sample(sigma, x32), _per_sample(sigma_next, x32)
     x0_hat = x32 - t * v32
     x1_hat = x32 + (1 - t) * v32
-    s = t_next * math.sin(noise_level * math.pi / 2)
+    s = _cps_std(t, t_next, noise_level)
     mean = (1 - t_next) * x0_hat + torch.sqrt((t_next**2 - s**2).clamp_min(0)) * x1_hat
     return mean, s
 
 
+def _cps_std(t: torch.Tensor, t_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    return t_next * math.sin(noise_level * math.pi / 2)
+
+
 _MEAN_STD = {"flow_grpo": flow_grpo_mean_std, "dance": dance_mean_std, "cps": cps_mean_std}
+_STD = {"flow_grpo": _flow_grpo_std, "dance": _dance_std, "cps": _cps_std}
 
 
 def step_mean_std(kind: str, x, v, sigma, sigma_next, noise_level: float):
@@ -117,6 +135,15 @@ def step_mean_std(kind: str, x, v, sigma, sigma_next, noise_level: float):
     if kind not in _MEAN_STD:
         raise ValueError(f"unknown SDE kind {kind!r}; choose one of {SDE_KINDS}")
     return _MEAN_STD[kind](x, v, sigma, sigma_next, noise_level)
+
+
+def step_std(kind: str, sigma, sigma_next, noise_level: float) -> torch.Tensor:
+    """The std of an SDE step of ``kind`` from σ to σ_next (scalars or [B] → float32 of that shape):
+    it depends on the schedule only, not on x or v (e.g. for noise-aware step weights)."""
+    if kind not in _MEAN_STD:
+        raise ValueError(f"unknown SDE kind {kind!r}; choose one of {SDE_KINDS}")
+    t = torch.as_tensor(sigma, dtype=torch.float32)
+    return _STD[kind](t, torch.as_tensor(sigma_next, dtype=torch.float32, device=t.device), noise_level)
 
 
 def sde_step(
