@@ -7,11 +7,11 @@ with ``name`` and ``differentiable``; chosen by name from ``REWARDS`` (or a dott
 prompt groups. Model libraries are imported only when a reward is built.
 """
 
-from .base import LinearMLPHead, MultiReward, Reward, ShiftedViews
+from .base import LinearMLPHead, MultiReward, Reward, ShiftedViews, needs_groups
 from .pairwise import FromPointwiseJudge, PairwiseJudge, WinRateReward, group_pairs, win_rates
 from .registry import JUDGES, REWARDS, build_judge, build_reward, build_rewards
 
 __all__ = [
-    "Reward", "MultiReward", "ShiftedViews", "LinearMLPHead", "PairwiseJudge", "FromPointwiseJudge", "WinRateReward",
+    "Reward", "MultiReward", "ShiftedViews", "needs_groups", "LinearMLPHead", "PairwiseJudge", "FromPointwiseJudge", "WinRateReward",
     "win_rates", "group_pairs", "REWARDS", "JUDGES", "build_reward", "build_rewards", "build_judge",
 ]

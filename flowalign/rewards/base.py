@@ -1,7 +1,9 @@
 """The reward interface, the weighted multi-reward, and helpers shared by the reward families.
 
 A reward is a plain callable ``reward(images_BCHW, prompts, metadata) -> (scores_B, info)`` with
-two attributes, ``name`` and ``differentiable`` (ddpo-pytorch ``rewards.py`` style). Images are
+two attributes, ``name`` and ``differentiable`` (ddpo-pytorch ``rewards.py`` style), and optionally
+``needs_groups = True`` when an image's score depends on the other images of its prompt group
+(win rates; see ``needs_groups``). Images are
 float tensors in [0, 1]; every reward does its preprocessing in torch on that tensor, so a
 differentiable reward passes gradients back to the pixels (noise optimization) and the same code
 scores rollouts under ``torch.no_grad()`` (GRPO).
@@ -20,7 +22,8 @@ from ..torch_utils import resolve_device, resolve_dtype  # noqa: F401 (re-export
 
 @runtime_checkable
 class Reward(Protocol):
-    """A pointwise reward: one score per image."""
+    """A pointwise reward: one score per image. A reward whose scores compare the images of a group
+    (``metadata[i]["group_id"]``) also sets ``needs_groups = True``."""
 
     name: str
     differentiable: bool
@@ -30,6 +33,13 @@ class Reward(Protocol):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """``images`` [B,3,H,W] in [0,1], ``prompts`` B strings -> (scores [B] float32, info)."""
         ...
+
+
+def needs_groups(reward) -> bool:
+    """Whether ``reward`` scores an image against the other images of its group (``needs_groups``
+    attribute; absent means no): a trainer then keeps whole groups together, and such a reward
+    cannot score evaluation images, which come without groups."""
+    return bool(getattr(reward, "needs_groups", False))
 
 
 class MultiReward:
@@ -54,6 +64,7 @@ class MultiReward:
         self.weights = [float(w) for _, w in rewards]
         self.name = "+".join(self.keys)
         self.differentiable = all(r.differentiable for r in self.rewards)
+        self.needs_groups = any(needs_groups(r) for r in self.rewards)
 
     def __call__(self, images, prompts, metadata=None):
         per_reward, infos = {}, {}

@@ -134,6 +134,7 @@ class WinRateReward:
     ``info`` has the counts of ``win_rates`` (failures among them)."""
 
     differentiable = False
+    needs_groups = True  # scores depend on the other images of the group
 
     def __init__(self, judge: PairwiseJudge, both_orders: bool = False, group_key: str = "group_id",
                  max_pairs_per_call: int | None = None):
