@@ -21,10 +21,25 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .models.families import ATTENTION_BACKENDS, FAMILIES, TRAIN_MODES
+
 __all__ = [
     "Config", "ModelConfig", "SamplingConfig", "TrainConfig", "RewardSpec", "EvalConfig", "RunConfig",
-    "ConfigError", "load_config", "load_structured", "locate_from_config", "to_yaml", "save_config", "describe",
+    "ConfigError", "load_config", "validate_config", "validate_sampling", "load_structured", "locate_from_config",
+    "to_yaml", "save_config", "describe",
 ]
+
+# The sections of `flowalign train` live beside the trainer (flowalign/grpo/config.py) and are
+# served from here too, on first use (they import this module's pieces).
+_GRPO_NAMES = ("Config", "TrainConfig", "EvalConfig", "load_config", "validate_config")
+
+
+def __getattr__(name):
+    if name in _GRPO_NAMES:
+        from .grpo import config as grpo_config
+
+        return getattr(grpo_config, name)
+    raise AttributeError(f"module 'flowalign.config' has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -41,7 +56,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class ModelConfig:
     family: str = _f("sd3", "model family: sd3 (SD3/SD3.5), flux (FLUX.1-dev/schnell), sd_turbo, sdxl_turbo",
-                     choices=("sd3", "flux", "sd_turbo", "sdxl_turbo"))
+                     choices=tuple(FAMILIES))
     path: str = _f("stabilityai/stable-diffusion-3.5-medium", "hub id, local diffusers pipeline folder, or builtin:pocket "
                                                                  "(the pocket model shipped with flowalign)")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of `path`")
@@ -49,7 +64,7 @@ class ModelConfig:
     dtype: str = _f("bfloat16", "dtype of the frozen base weights", choices=("float32", "bfloat16", "float16"))
     device: str = _f("auto", "device: auto (the accelerator of this process, else cpu), cpu, cuda, cuda:1, ...")
     train_mode: str = _f("lora", "what is trained: lora adapters, full weights, or none (inference only)",
-                         choices=("lora", "full", "none"))
+                         choices=TRAIN_MODES)
     lora_rank: int = _f(32, "LoRA rank r (Flow-GRPO: 32)", min=1)
     lora_alpha: float = _f(64.0, "LoRA alpha; the update is scaled by alpha/r (Flow-GRPO: 64)", gt=0)
     lora_targets: Optional[list[str]] = _f(None, "module-name suffixes that get LoRA adapters; null = the "
@@ -58,7 +73,7 @@ class ModelConfig:
     lora_init_path: Optional[str] = _f(None, "existing LoRA adapter folder to start from (diffusers format)")
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward to save memory")
     attention_backend: str = _f("sdpa", "attention kernel: sdpa (PyTorch) or xformers (needs the gpu extra)",
-                                choices=("sdpa", "xformers"))
+                                choices=ATTENTION_BACKENDS)
     compile: bool = _f(False, "torch.compile the transformer")
     offload_text_encoders: bool = _f(False, "move text encoders to CPU after encoding (embeddings are cached)")
     cache_text_embeddings: bool = _f(True, "encode each distinct prompt once and reuse the embeddings")
@@ -97,64 +112,10 @@ class SamplingConfig:
 
 
 @dataclass
-class TrainConfig:
-    prompts: str = _f("prompts/demo.txt", "training prompt file: .txt (one per line) or .jsonl with 'prompt'")
-    group_size: int = _f(16, "images per prompt (G); advantages are normalized within a group", min=2)
-    prompts_per_iteration: int = _f(8, "prompt groups sampled per iteration, over all processes", min=1)
-    num_iterations: int = _f(1000, "training iterations (rollout + update)", min=1)
-    micro_batch_size: int = _f(4, "samples per forward/backward, per process", min=1)
-    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated (each over all its trained timesteps) "
-                                             "per optimizer step", min=1)
-    objective: str = _f("grpo", "policy objective: grpo (PPO-clipped policy gradient on the SDE transitions' "
-                                "log-probs: Flow-GRPO, DanceGRPO, ...) or nft (DiffusionNFT, Zheng et al. 2025: "
-                                "flow matching on the final images towards an implicit positive policy and "
-                                "away from a negative one; no log-probs, any sampler)", choices=("grpo", "nft"))
-    nft_beta: float = _f(1.0, "DiffusionNFT's beta: v+ = (1-beta)·v_old + beta·v, v- = (1+beta)·v_old - beta·v",
-                         gt=0)
-    nft_timesteps: int = _f(2, "nft: forward-process noise levels drawn per image and update (from the "
-                               "sampler's sigmas)", min=1)
-    lr: float = _f(3e-4, "AdamW learning rate", gt=0)
-    weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
-    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip (0 = off)", min=0)
-    clip_range: float = _f(1e-4, "PPO ratio clip epsilon (for element-averaged log-probs)", gt=0)
-    adv_clip_max: float = _f(5.0, "advantages clipped to [-max, max]", gt=0)
-    kl_beta: float = _f(0.04, "coefficient of the KL to the reference model (0 = off)", min=0)
-    num_inner_epochs: int = _f(1, "passes over each iteration's rollouts", min=1)
-    timestep_fraction: float = _f(1.0, "fraction of recorded steps trained per sample", gt=0, max=1)
-    timestep_weighting: str = _f("uniform", "per-step loss weight: uniform, or noise_aware (TempFlow-GRPO, "
-                                            "proportional to the step's noise scale)",
-                                 choices=("uniform", "noise_aware"))
-    shuffle_timesteps: bool = _f(True, "visit recorded steps in random order during the update")
-    std_mode: str = _f("per_prompt", "advantage std: per_prompt group std or global batch std",
-                       choices=("per_prompt", "global"))
-    reward_normalization: str = _f("sum_then_normalize", "multi-reward: sum_then_normalize, or "
-                                   "per_reward (normalize each reward, then weighted sum; GDPO-style)",
-                                   choices=("sum_then_normalize", "per_reward"))
-    ema: bool = _f(False, "keep an EMA of the trainable weights")
-    ema_decay: float = _f(0.9, "EMA decay per update", min=0, max=1)
-    mixed_precision: str = _f("bf16", "autocast precision of forward passes: fp32 (none), fp16 or bf16 "
-                                      "(accelerate's 'no' is spelled fp32 here: YAML reads a bare no as false)",
-                              choices=("fp32", "fp16", "bf16"))
-
-
-@dataclass
 class RewardSpec:
     name: str = _f(MISSING, "registered reward name, or a dotted path 'package.module:callable'")
     weight: float = _f(1.0, "weight in the reward sum")
     args: dict[str, Any] = _f({}, "keyword arguments of the reward factory (model paths, device, ...)")
-
-
-@dataclass
-class EvalConfig:
-    prompts: Optional[str] = _f(None, "held-out prompt file evaluated with ODE sampling (null = no eval)")
-    every: int = _f(50, "evaluate every N iterations", min=1)
-    num_images: int = _f(1, "images per eval prompt (fixed seeds)", min=1)
-    seed: int = _f(1234, "seed of the evaluation noise")
-    rewards: list[RewardSpec] = _f([], "pointwise rewards reported on eval images (empty = the training "
-                                       "rewards); e.g. pocket_gold with args {score: strict}")
-    batch_size: int = _f(64, "eval images per forward", min=1)
-    at_start: bool = _f(True, "also evaluate before the first iteration (the base model)")
 
 
 @dataclass
@@ -167,19 +128,6 @@ class RunConfig:
     resume: bool = _f(True, "resume from the latest checkpoint in output_dir when one exists")
     keep_checkpoints: int = _f(2, "checkpoints kept in output_dir/checkpoints (older ones are deleted)", min=1)
     progress: bool = _f(True, "show a progress bar")
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the flow model and its adapters"})
-    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "rollout sampling"})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "GRPO optimisation"})
-    rewards: list[RewardSpec] = field(
-        default_factory=lambda: [RewardSpec(name="jpeg_compressibility")],
-        metadata={"help": "pointwise rewards, summed with their weights"},
-    )
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
-    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "outputs and bookkeeping"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,21 +230,6 @@ def load_structured(schema, path: str | os.PathLike | None = None, overrides=())
     return obj
 
 
-def load_config(path: str | os.PathLike | None = None, overrides=(), validate: bool = True) -> Config:
-    """Defaults ← YAML file ← ``key=value`` overrides, type-checked; with ``validate`` also the
-    cross-field combinations (``validate_config``). Relative prompt files (``train.prompts``,
-    ``eval.prompts``) not found from the current folder are looked up from the config file's folder
-    upwards (``locate_from_config``), so a recipe loads the same from any folder."""
-    cfg = load_structured(Config, path, overrides)
-    if path is not None:
-        cfg.train.prompts = locate_from_config(cfg.train.prompts, path)
-        if cfg.eval.prompts is not None:
-            cfg.eval.prompts = locate_from_config(cfg.eval.prompts, path)
-    if validate:
-        validate_config(cfg)
-    return cfg
-
-
 def locate_from_config(path: str, config: str | os.PathLike) -> str:
     """A relative ``path`` that does not exist from the current folder, looked up from the folder of
     the ``config`` file upwards (``configs/pocket/x.yaml`` finds ``prompts/pocket/train.jsonl`` at the
@@ -349,10 +282,8 @@ def _check_ranges(obj, prefix: str) -> None:
                 raise ConfigError(f"config key '{path}' must be {word} {meta[bound]}, got {value}")
 
 
-def validate_config(cfg: Config) -> None:
-    """Value ranges, choices and impossible combinations; raises ConfigError."""
-    _check_ranges(cfg, "")
-    s, t = cfg.sampling, cfg.train
+def validate_sampling(s: SamplingConfig) -> None:
+    """Combinations of the ``sampling`` section the schema cannot express; raises ConfigError."""
     n = s.num_steps
     if s.plan in ("window", "random_window", "progressive_window") and s.window_size > n:
         raise ConfigError(
@@ -384,62 +315,34 @@ def validate_config(cfg: Config) -> None:
                 "sampling.sde_kind=cps makes the last step (into sigma=0) deterministic, so it cannot be "
                 "trained; set sampling.include_last_step=false or keep windows/branches before the last step"
             )
-    if t.objective == "nft" and s.plan == "branching":
-        raise ConfigError(
-            "train.objective=nft learns from final images only, so TempFlow branching (one advantage per branch "
-            "step) has nothing to attach to; use sampling.plan=window or full with nft"
-        )
     if s.sde_kind != "cps" and s.noise_level == 0:
         raise ConfigError(
             f"sampling.noise_level=0 makes the {s.sde_kind} SDE deterministic (no log-prob); use a value > 0"
         )
     if s.sde_kind == "cps" and s.noise_level > 1:
         raise ConfigError("sampling.noise_level for cps is a fraction of pi/2 and must be <= 1")
-    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
-        raise ConfigError(f"train.adam_betas={t.adam_betas} must be two values in [0, 1)")
-    if cfg.model.train_mode == "none":
-        raise ConfigError("model.train_mode=none trains nothing; use lora or full for `train` configs")
-    if cfg.model.family in ("sd_turbo", "sdxl_turbo"):
-        raise ConfigError(
-            f"model.family={cfg.model.family} is a one-step UNet generator for noise optimization; "
-            "GRPO needs a flow model (sd3 or flux)"
-        )
-    if cfg.model.train_mode == "full" and t.kl_beta > 0:
-        raise ConfigError(
-            "train.kl_beta > 0 needs a frozen reference model, and model.train_mode=full changes the base weights "
-            "(LoRA's reference is the base with adapters off); use model.train_mode=lora or set train.kl_beta=0"
-        )
-    if cfg.model.dtype == "float16" and t.mixed_precision == "bf16":
-        raise ConfigError("model.dtype=float16 with train.mixed_precision=bf16 mixes half types; pick one")
-    if not cfg.rewards:
-        raise ConfigError("rewards is empty; give at least one reward, e.g. rewards: [{name: clip}]")
-    for i, r in enumerate(cfg.rewards):
-        if not r.name:
-            raise ConfigError(f"rewards[{i}].name is empty; give a registered reward name")
-    if t.micro_batch_size > t.group_size * t.prompts_per_iteration:
-        raise ConfigError(
-            f"train.micro_batch_size={t.micro_batch_size} is larger than the images per iteration "
-            f"({t.group_size * t.prompts_per_iteration}); lower it"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
 # output
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
+def save_config(cfg, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp file + rename)."""
     from .io import atomic_write_text
 
     atomic_write_text(path, to_yaml(cfg))
 
 
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field of the schema, for docs and ``config keys``."""
+def describe(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field of the schema ``cls`` (default: the ``flowalign
+    train`` config, ``Config``), for docs and ``config keys``."""
+    if cls is None:
+        from .grpo.config import Config as cls
     rows = []
     for f in dataclasses.fields(cls):
         path = f"{prefix}.{f.name}" if prefix else f.name

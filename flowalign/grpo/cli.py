@@ -15,7 +15,8 @@ import sys
 
 
 def _cmd_train(ns) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError
+    from .config import load_config
 
     if "=" in ns.config:
         print("flowalign train: the first argument is the config file, e.g. "
@@ -63,7 +64,19 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-if __name__ == "__main__":
-    from ..cli import main
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flowalign.grpo.cli CONFIG ...``: the command alone (``flowalign train`` is the same)."""
+    parser = argparse.ArgumentParser(prog="flowalign")
+    register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    from ..config import ConfigError
 
-    sys.exit(main(["train", *sys.argv[1:]]))
+    try:
+        return ns.func(ns)
+    except ConfigError as e:
+        print(f"flowalign: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""GRPO's config: its sections (``train``, ``eval``), the run config that holds them with the shared
+ones (``Config``: model, sampling, rewards, run from ``flowalign.config``), the checks of their
+combinations, and the sizes every iteration derives from them (``Sizes``, printed at start-up).
+
+    cfg = load_config("configs/pocket/flow_grpo.yaml", ["train.lr=1e-4"])
+    sizes = Sizes.of(cfg, processes=1, units_per_image=1, recorded_steps_per_unit=3)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import (
+    ConfigError, ModelConfig, RewardSpec, RunConfig, SamplingConfig, _check_ranges, _f, load_structured,
+    locate_from_config, validate_sampling,
+)
+from ..models.families import FLOW_FAMILIES
+from .objectives import OBJECTIVES
+
+__all__ = ["TrainConfig", "EvalConfig", "Config", "load_config", "validate_config", "Sizes"]
+
+
+@dataclass
+class TrainConfig:
+    prompts: str = _f("prompts/demo.txt", "training prompt file: .txt (one per line) or .jsonl with 'prompt'")
+    group_size: int = _f(16, "images per prompt (G); advantages are normalized within a group", min=2)
+    prompts_per_iteration: int = _f(8, "prompt groups sampled per iteration, over all processes", min=1)
+    num_iterations: int = _f(1000, "training iterations (rollout + update)", min=1)
+    micro_batch_size: int = _f(4, "samples per forward/backward, per process", min=1)
+    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated (each over all its trained timesteps) "
+                                             "per optimizer step", min=1)
+    objective: str = _f("grpo", "policy objective: grpo (PPO-clipped policy gradient on the SDE transitions' "
+                                "log-probs: Flow-GRPO, DanceGRPO, ...) or nft (DiffusionNFT, Zheng et al. 2025: "
+                                "flow matching on the final images towards an implicit positive policy and "
+                                "away from a negative one; no log-probs, any sampler)", choices=tuple(OBJECTIVES))
+    nft_beta: float = _f(1.0, "DiffusionNFT's beta: v+ = (1-beta)·v_old + beta·v, v- = (1+beta)·v_old - beta·v",
+                         gt=0)
+    nft_timesteps: int = _f(2, "nft: forward-process noise levels drawn per image and update (from the "
+                               "sampler's sigmas)", min=1)
+    lr: float = _f(3e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (0 = off)", min=0)
+    clip_range: float = _f(1e-4, "PPO ratio clip epsilon (for element-averaged log-probs)", gt=0)
+    adv_clip_max: float = _f(5.0, "advantages clipped to [-max, max]", gt=0)
+    kl_beta: float = _f(0.04, "coefficient of the KL to the reference model (0 = off)", min=0)
+    num_inner_epochs: int = _f(1, "passes over each iteration's rollouts", min=1)
+    timestep_fraction: float = _f(1.0, "fraction of recorded steps trained per sample", gt=0, max=1)
+    timestep_weighting: str = _f("uniform", "per-step loss weight: uniform, or noise_aware (TempFlow-GRPO, "
+                                            "proportional to the step's noise scale)",
+                                 choices=("uniform", "noise_aware"))
+    shuffle_timesteps: bool = _f(True, "visit recorded steps in random order during the update")
+    std_mode: str = _f("per_prompt", "advantage std: per_prompt group std or global batch std",
+                       choices=("per_prompt", "global"))
+    reward_normalization: str = _f("sum_then_normalize", "multi-reward: sum_then_normalize, or "
+                                   "per_reward (normalize each reward, then weighted sum; GDPO-style)",
+                                   choices=("sum_then_normalize", "per_reward"))
+    ema: bool = _f(False, "keep an EMA of the trainable weights")
+    ema_decay: float = _f(0.9, "EMA decay per update", min=0, max=1)
+    mixed_precision: str = _f("bf16", "autocast precision of forward passes: fp32 (none), fp16 or bf16 "
+                                      "(accelerate's 'no' is spelled fp32 here: YAML reads a bare no as false)",
+                              choices=("fp32", "fp16", "bf16"))
+
+
+
+@dataclass
+class EvalConfig:
+    prompts: Optional[str] = _f(None, "held-out prompt file evaluated with ODE sampling (null = no eval)")
+    every: int = _f(50, "evaluate every N iterations", min=1)
+    num_images: int = _f(1, "images per eval prompt (fixed seeds)", min=1)
+    seed: int = _f(1234, "seed of the evaluation noise")
+    rewards: list[RewardSpec] = _f([], "pointwise rewards reported on eval images (empty = the training "
+                                       "rewards); e.g. pocket_gold with args {score: strict}")
+    batch_size: int = _f(64, "eval images per forward", min=1)
+    at_start: bool = _f(True, "also evaluate before the first iteration (the base model)")
+
+
+
+@dataclass
+class Config:
+    """A ``flowalign train`` run: the shared sections (model, sampling, rewards, run) and GRPO's own."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the flow model and its adapters"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "rollout sampling"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "GRPO optimisation"})
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec(name="jpeg_compressibility")],
+        metadata={"help": "pointwise rewards, summed with their weights"},
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "outputs and bookkeeping"})
+
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=(), validate: bool = True) -> Config:
+    """Defaults ← YAML file ← ``key=value`` overrides, type-checked; with ``validate`` also the
+    cross-field combinations (``validate_config``). Relative prompt files (``train.prompts``,
+    ``eval.prompts``) not found from the current folder are looked up from the config file's folder
+    upwards (``locate_from_config``), so a recipe loads the same from any folder."""
+    cfg = load_structured(Config, path, overrides)
+    if path is not None:
+        cfg.train.prompts = locate_from_config(cfg.train.prompts, path)
+        if cfg.eval.prompts is not None:
+            cfg.eval.prompts = locate_from_config(cfg.eval.prompts, path)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Value ranges, choices and impossible combinations; raises ConfigError."""
+    _check_ranges(cfg, "")
+    s, t = cfg.sampling, cfg.train
+    validate_sampling(s)
+    if t.objective == "nft" and s.plan == "branching":
+        raise ConfigError(
+            "train.objective=nft learns from final images only, so TempFlow branching (one advantage per branch "
+            "step) has nothing to attach to; use sampling.plan=window or full with nft"
+        )
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas={t.adam_betas} must be two values in [0, 1)")
+    if cfg.model.train_mode == "none":
+        raise ConfigError("model.train_mode=none trains nothing; use lora or full for `train` configs")
+    if cfg.model.family not in FLOW_FAMILIES:
+        raise ConfigError(
+            f"model.family={cfg.model.family} is a one-step UNet generator for noise optimization; "
+            f"GRPO needs a flow model ({' or '.join(FLOW_FAMILIES)})"
+        )
+    if cfg.model.train_mode == "full" and t.kl_beta > 0:
+        raise ConfigError(
+            "train.kl_beta > 0 needs a frozen reference model, and model.train_mode=full changes the base weights "
+            "(LoRA's reference is the base with adapters off); use model.train_mode=lora or set train.kl_beta=0"
+        )
+    if cfg.model.dtype == "float16" and t.mixed_precision == "bf16":
+        raise ConfigError("model.dtype=float16 with train.mixed_precision=bf16 mixes half types; pick one")
+    if not cfg.rewards:
+        raise ConfigError("rewards is empty; give at least one reward, e.g. rewards: [{name: clip}]")
+    for i, r in enumerate(cfg.rewards):
+        if not r.name:
+            raise ConfigError(f"rewards[{i}].name is empty; give a registered reward name")
+    if t.micro_batch_size > t.group_size * t.prompts_per_iteration:
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size} is larger than the images per iteration "
+            f"({t.group_size * t.prompts_per_iteration}); lower it"
+        )
+
+
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much an iteration handles, derived once from the config (per iteration unless named
+    otherwise). A *unit* is what an advantage is attached to: an image, or with TempFlow branching one
+    (image, branch step, branch); a *column* is what one micro-step of a unit trains on: a recorded
+    SDE step, or the objective's own (NFT: a noise level)."""
+
+    processes: int
+    groups: int  # prompts per iteration (P), over all processes
+    group_size: int  # images per prompt (G)
+    images: int  # P·G, over all processes
+    images_per_process: int
+    units_per_image: int  # 1, or J branch steps × K branches
+    units: int  # images × units_per_image
+    units_per_process: int
+    recorded_steps_per_unit: int  # transitions recorded per unit by the plan
+    columns_per_unit: int  # the objective's columns per unit
+    trained_columns_per_unit: int  # columns visited per unit and inner epoch
+    column_name: str  # "steps" or "noise levels"
+    micro_batch_size: int  # units per micro-step, per process
+    accumulation_steps: int  # micro-batches per optimizer step
+    micro_batches_per_epoch: int  # nominal (masked groups make it smaller)
+    optimizer_steps: int  # nominal, over all inner epochs
+    iterations: int
+
+    @classmethod
+    def of(cls, cfg: Config, processes: int, *, units_per_image: int, recorded_steps_per_unit: int) -> "Sizes":
+        """The sizes of ``cfg`` on ``processes`` processes with a plan of ``units_per_image`` units of
+        ``recorded_steps_per_unit`` steps; ConfigError when the images cannot be split evenly."""
+        t = cfg.train
+        images = t.group_size * t.prompts_per_iteration
+        if images % processes:
+            raise ConfigError(
+                f"train.group_size·prompts_per_iteration = {images} images per iteration cannot be split over "
+                f"{processes} processes; make it a multiple of {processes}"
+            )
+        objective = OBJECTIVES[t.objective]
+        columns = objective.columns_per_unit(t, recorded_steps_per_unit)
+        units_per_process = images * units_per_image // processes
+        micro = math.ceil(units_per_process / t.micro_batch_size)
+        return cls(processes=processes, groups=t.prompts_per_iteration, group_size=t.group_size, images=images,
+                   images_per_process=images // processes, units_per_image=units_per_image,
+                   units=images * units_per_image, units_per_process=units_per_process,
+                   recorded_steps_per_unit=recorded_steps_per_unit, columns_per_unit=columns,
+                   trained_columns_per_unit=objective.trained_columns(t, columns), column_name=objective.column_name,
+                   micro_batch_size=t.micro_batch_size, accumulation_steps=t.gradient_accumulation_steps,
+                   micro_batches_per_epoch=micro,
+                   optimizer_steps=t.num_inner_epochs * math.ceil(micro / t.gradient_accumulation_steps),
+                   iterations=t.num_iterations)
+
+    def summary(self, objective: str, trainable_params: int) -> dict:
+        """The start-up summary (``flowalign train`` prints it; ``--dry-run`` prints only it)."""
+        return {
+            "objective": objective,
+            "processes": self.processes,
+            "trainable_params": trainable_params,
+            "groups_per_iteration": self.groups,
+            "group_size": self.group_size,
+            "images_per_iteration": self.images,
+            "trained_units_per_iteration": self.units,
+            "units_per_process": self.units_per_process,
+            "recorded_steps_per_unit": self.recorded_steps_per_unit,
+            "trained_steps_per_unit": self.trained_columns_per_unit,
+            "micro_batches_per_epoch": self.micro_batches_per_epoch,
+            "optimizer_steps_per_iteration": self.optimizer_steps,
+            "effective_batch": f"{self.micro_batch_size * self.accumulation_steps * self.processes} samples × "
+                               f"{self.trained_columns_per_unit} {self.column_name} per optimizer step",
+            "total_images": self.images * self.iterations,
+        }
