@@ -1,16 +1,20 @@
 """Prompt files: ``.txt`` (one prompt per line; blank lines and ``#`` comments skipped) or ``.jsonl``
 (one JSON object per line with a ``prompt`` string; the other keys are kept as the prompt's metadata
-and reach the rewards, e.g. the pocket world's ``spec`` or GenEval's object list)."""
+and reach the rewards, e.g. the pocket world's ``spec`` or GenEval's object list). The one reader of
+both; a prompt world with its own grammar passes a ``parse`` step (``pocket.prompts.load_prompt_file``)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 
-def read_prompts(path: str | os.PathLike) -> list[dict]:
-    """Rows ``{"prompt": str, **metadata}``; ValueError naming the file and line for bad input."""
+def read_prompts(path: str | os.PathLike, parse: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Rows ``{"prompt": str, **metadata}``; ValueError naming the file and line for bad input.
+    ``parse(row) -> row`` checks or completes each row; its ValueError/KeyError is reported with the
+    file and line too."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist (give a .txt file with one prompt per line, "
@@ -24,7 +28,7 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
         if not text or (path.suffix == ".txt" and text.startswith("#")):
             continue
         if path.suffix == ".txt":
-            rows.append({"prompt": text})
+            rows.append(_parsed({"prompt": text}, parse, path, n))
             continue
         try:
             row = json.loads(text)
@@ -33,7 +37,16 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
                              '{"prompt": "a red cube"}') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ValueError(f"{path}:{n}: each line needs a non-empty string 'prompt', got {text[:80]!r}")
-        rows.append(row)
+        rows.append(_parsed(row, parse, path, n))
     if not rows:
         raise ValueError(f"prompt file {str(path)!r} has no prompts")
     return rows
+
+
+def _parsed(row: dict, parse, path: Path, n: int) -> dict:
+    if parse is None:
+        return row
+    try:
+        return parse(row)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}:{n}: {e}") from e

@@ -52,7 +52,7 @@ _DETECT_CHUNK = 1024  # images labelled at once (bounds the scratch memory)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class GoldThresholds:
     """Thresholds of the evaluator (all relative to the image, so they hold at any size)."""
 
     fg_threshold: float = 0.4  # min brightest channel of a foreground pixel
@@ -96,7 +96,7 @@ def _to_numpy(images) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def classify_pixels(images_BCHW: np.ndarray, cfg: EvalConfig = EvalConfig()) -> np.ndarray:
+def classify_pixels(images_BCHW: np.ndarray, cfg: GoldThresholds = GoldThresholds()) -> np.ndarray:
     """Per-pixel color label [B,H,W]: -1 background, i for ``_COLOR_NAMES[i]`` (last one is "other")."""
     bright_BHW = images_BCHW.max(axis=1)
     chroma_BCHW = images_BCHW / np.maximum(bright_BHW, 1e-6)[:, None]
@@ -141,7 +141,7 @@ def connected_components(labels_BHW: np.ndarray) -> np.ndarray:
     return np.where(fg, root, -1)
 
 
-def detect_objects(images, cfg: EvalConfig = EvalConfig()) -> list[list[DetectedObject]]:
+def detect_objects(images, cfg: GoldThresholds = GoldThresholds()) -> list[list[DetectedObject]]:
     """Objects in each image of a batch [B,3,H,W] in [0,1] (numpy or torch), largest first."""
     arr = _to_numpy(images)
     found: list[list[DetectedObject]] = []
@@ -150,7 +150,7 @@ def detect_objects(images, cfg: EvalConfig = EvalConfig()) -> list[list[Detected
     return found
 
 
-def _detect_chunk(arr: np.ndarray, cfg: EvalConfig) -> list[list[DetectedObject]]:
+def _detect_chunk(arr: np.ndarray, cfg: GoldThresholds) -> list[list[DetectedObject]]:
     b, _, h, w = arr.shape
     labels = classify_pixels(arr, cfg)
     roots = connected_components(labels).reshape(-1)
@@ -199,7 +199,7 @@ def _template_iou(inv: np.ndarray, area: np.ndarray, dx: np.ndarray, dy: np.ndar
     return inter / (2 * area[:, None] - inter)
 
 
-def _shape_of(iou_S: np.ndarray, cfg: EvalConfig) -> str | None:
+def _shape_of(iou_S: np.ndarray, cfg: GoldThresholds) -> str | None:
     circle, square, triangle = iou_S
     if max(circle, square, triangle) < cfg.min_iou:
         return None
@@ -229,7 +229,7 @@ def _relation_holds(rel: str, a: DetectedObject, b: DetectedObject, margin_x: fl
 
 
 def score_objects(
-    spec: PromptSpec, objects: list[DetectedObject], image_hw: tuple[int, int], cfg: EvalConfig = EvalConfig()
+    spec: PromptSpec, objects: list[DetectedObject], image_hw: tuple[int, int], cfg: GoldThresholds = GoldThresholds()
 ) -> Score:
     """Score the objects found in one image against a prompt spec (rules in the module docstring)."""
     margin_x, margin_y = cfg.relation_margin * image_hw[1], cfg.relation_margin * image_hw[0]
@@ -299,7 +299,7 @@ def _as_spec(p: PromptSpec | str) -> PromptSpec:
     return p if isinstance(p, PromptSpec) else parse_prompt(p)
 
 
-def evaluate(images, prompts: list[PromptSpec | str], cfg: EvalConfig = EvalConfig()) -> EvalResult:
+def evaluate(images, prompts: list[PromptSpec | str], cfg: GoldThresholds = GoldThresholds()) -> EvalResult:
     """Score images [B,3,H,W] in [0,1] (numpy or torch) against their prompts (text or specs)."""
     arr = _to_numpy(images)
     if len(prompts) != arr.shape[0]:
@@ -349,7 +349,7 @@ class PocketGold:
     differentiable = False
     name = "pocket_gold"
 
-    def __init__(self, score: str = "partial", cfg: EvalConfig = EvalConfig()):
+    def __init__(self, score: str = "partial", cfg: GoldThresholds = GoldThresholds()):
         if score not in ("partial", "strict", "exact"):
             raise ValueError(f"unknown pocket gold score {score!r}; use 'partial', 'strict' or 'exact'")
         self.score = score

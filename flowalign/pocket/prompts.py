@@ -203,22 +203,18 @@ def write_prompt_subset(src: str | os.PathLike, out: str | os.PathLike, per_cate
 
 def load_prompt_file(path: str | os.PathLike) -> list[dict]:
     """Rows ``{"prompt", "category", "spec"}`` of a ``.jsonl`` file, or of a ``.txt`` file (one
-    prompt per line, parsed). A line outside the grammar raises ``ValueError`` naming file and line."""
-    path = Path(path)
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            if path.suffix == ".jsonl":
-                row = json.loads(line)
-                spec = PromptSpec.from_dict(row["spec"])
-            else:
-                spec = parse_prompt(line)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}:{n}: {e}") from e
-        rows.append(_row(spec) if path.suffix != ".jsonl" else {**row, "spec": spec.to_dict()})
-    return rows
+    prompt per line, parsed): ``flowalign.prompts.read_prompts`` with the pocket grammar. A row's
+    ``spec`` is checked, a row without one is parsed from its prompt; a line outside the grammar
+    raises ``ValueError`` naming file and line."""
+    from ..prompts import read_prompts
+
+    return read_prompts(path, parse=_with_spec)
+
+
+def _with_spec(row: dict) -> dict:
+    if "spec" in row:
+        return {**row, "spec": PromptSpec.from_dict(row["spec"]).to_dict()}
+    return {**_row(parse_prompt(row["prompt"])), **{k: v for k, v in row.items() if k != "prompt"}}
 
 
 if __name__ == "__main__":
