@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(ns.threads)
 
     from flowalign.experiments import SearchSnapshots
-    from flowalign.noise_opt import GenerationConfig, OptimConfig, best_of_n_batch, carinox_batch, reno_batch
+    from flowalign.noise_opt import GenerationConfig, NoiseOptConfig, OptimConfig, search_batch
+    from flowalign.noise_opt.config import NoiseOptRunConfig, SearchConfig
     from flowalign.pocket.prompts import limit_per_category, load_prompt_file
     from flowalign.pocket.sample import load_pocket_policy
     from flowalign.rewards import build_reward
@@ -117,15 +118,18 @@ def main(argv=None) -> int:
                         reg_weight=ns.reg_weight, reward_views=ns.reward_views, view_shift=ns.view_shift)
     methods = [m for m in ns.methods.split(",") if m]
 
-    def run(fn, **kw):
-        """→ (results, CPU seconds, wall seconds, curve or None) of ``fn`` over the prompts in batches."""
+    def run(search: SearchConfig, optim: OptimConfig = optim):
+        """→ (results, CPU seconds, wall seconds, curve or None) of ``search`` over the prompts, in batches
+        through the library's runner (``flowalign reno``'s)."""
+        cfg = NoiseOptConfig(generation=gen, optim=optim, search=search,
+                             run=NoiseOptRunConfig(batch_size=ns.batch_size, progress=False))
         results, snaps = [], []
         at = sorted(c for c in {1, 5, 10, *range(20, ns.iterations, 10), ns.iterations} if c <= ns.iterations)
         t0, w0 = time.process_time(), time.perf_counter()
         for i in range(0, len(prompts), ns.batch_size):
-            chunk = prompts[i:i + ns.batch_size]
             snaps.append(SearchSnapshots(at) if ns.curve else None)
-            results += fn(policy, reward, chunk, gen=gen, seed=ns.seed, offset=i, on_iteration=snaps[-1], **kw)
+            results += search_batch(policy, reward, prompts[i:i + ns.batch_size], cfg, seed=ns.seed, offset=i,
+                                    on_iteration=snaps[-1])
         cpu_s, wall_s = time.process_time() - t0, time.perf_counter() - w0
         return results, cpu_s, wall_s, _curve(snaps, prompts) if ns.curve else (None, None)
 
@@ -136,23 +140,21 @@ def main(argv=None) -> int:
     correct: dict[str, list[int]] = {}  # per-prompt verdicts, written with --out (not printed)
     for method in methods:
         if method == "reno":
-            res, cpu_s, wall_s, (curve, curve_correct) = run(reno_batch, optim=optim)
-            per_iter = cpu_s / ns.iterations
+            res, cpu_s, wall_s, (curve, curve_correct) = run(SearchConfig(method="reno"))
         elif method == "best_of_n":
-            res, cpu_s, wall_s, (curve, curve_correct) = run(
-                best_of_n_batch, num=ns.iterations, reward_views=ns.reward_views, view_shift=ns.view_shift)
-            per_iter = cpu_s / ns.iterations
+            res, cpu_s, wall_s, (curve, curve_correct) = run(SearchConfig(method="best_of_n", num_seeds=ns.iterations))
         elif method == "carinox":
             if ns.carinox_seeds <= 0:
                 continue
             k = ns.carinox_seeds
             assert ns.iterations > k, "carinox needs iterations > carinox-seeds"
-            opt_c = OptimConfig(**{**vars(optim), "iterations": ns.iterations - k})
-            res, cpu_s, wall_s, (curve, curve_correct) = run(carinox_batch, num_seeds=k, optim=opt_c)
-            per_iter = cpu_s / ns.iterations
+            res, cpu_s, wall_s, (curve, curve_correct) = run(
+                SearchConfig(method="carinox", num_seeds=k, optimize="best"),
+                OptimConfig(**{**vars(optim), "iterations": ns.iterations - k}))
         else:
             print(f"unknown method {method!r}", file=sys.stderr)
             return 2
+        per_iter = cpu_s / ns.iterations
         best = torch.stack([r.best_image for r in res])
         images[method] = best
         if "initial" not in images:

@@ -90,8 +90,7 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
     from ..io import atomic_write_json, atomic_write_text, save_image_grid
     from ..models import load_policy
     from ..rewards import build_rewards
-    from .explore import best_of_n_batch, carinox_batch
-    from .reno import reno_batch
+    from .runner import generator_calls, search_batch
 
     rewards = build_rewards(cfg.rewards)  # before the model: a reward typo fails fast
     if cfg.search.method != "best_of_n":
@@ -102,10 +101,9 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
                              "pickscore, imagereward, aesthetic, pocket_clip)")
     model_cfg = cfg.model
     policy = load_policy(model_cfg)
-    g, o, s = cfg.generation, cfg.optim, cfg.search
+    g, s = cfg.generation, cfg.search
     out = Path(cfg.run.output_dir)
-    calls = {"reno": o.iterations, "best_of_n": s.num_seeds,
-             "carinox": s.num_seeds + o.iterations if s.optimize == "best" else s.num_seeds * o.iterations}[s.method]
+    calls = generator_calls(cfg)
     print(f"{PROG}: {cfg.model.family} {model_cfg.path} ({cfg.model.dtype}, {policy.device}); "
           f"{g.height}x{g.width}, {g.num_steps} step(s), guidance {g.guidance_scale}; rewards {rewards!r}; "
           f"{s.method}: {calls} generator calls per prompt and seed; {len(prompts)} prompt(s) x {len(seeds)} seed(s), "
@@ -127,15 +125,8 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
                 for d, img in zip(dirs, images):
                     save_image_grid(d / "iterations" / f"{it:04d}.png", img[None], nrow=1, scale=cfg.run.image_scale)
 
-            common = dict(seed=seed, offset=start, metadata=meta, progress=cfg.run.progress,
-                          on_iteration=save_iteration if cfg.run.save_every_iteration else None)
-            if s.method == "reno":
-                results = reno_batch(policy, rewards, chunk, o, g, **common)
-            elif s.method == "best_of_n":
-                results = best_of_n_batch(policy, rewards, chunk, s.num_seeds, g, reward_views=o.reward_views,
-                                          view_shift=o.view_shift, **common)
-            else:
-                results = carinox_batch(policy, rewards, chunk, s.num_seeds, o, g, optimize=s.optimize, **common)
+            results = search_batch(policy, rewards, chunk, cfg, seed=seed, offset=start, metadata=meta,
+                                   on_iteration=save_iteration if cfg.run.save_every_iteration else None)
             for d, r in zip(dirs, results):
                 save_image_grid(d / "initial.png", r.initial_image[None], nrow=1, scale=cfg.run.image_scale)
                 save_image_grid(d / "best.png", r.best_image[None], nrow=1, scale=cfg.run.image_scale)

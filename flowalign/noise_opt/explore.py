@@ -18,10 +18,12 @@ from typing import Callable
 
 import torch
 
+from ..seeding import sample_noise
 from .config import GenerationConfig, OptimConfig, split_overrides
-from .reno import (
-    Result, _check_prompts, _progress, _resolve_options, _score, _start_noise, _total, make_generator,
-    optimize_noise, reward_terms, sample_noise,
+from .reno import optimize_noise
+from .search import (
+    BestSoFar, Result, check_prompts, make_generator, progress_bar, resolve_options, reward_terms, reward_total,
+    score_terms, start_noise,
 )
 
 __all__ = ["best_of_n", "best_of_n_batch", "carinox", "carinox_batch", "explore_noises"]
@@ -52,21 +54,14 @@ def explore_noises(
     device = device if device is not None else noise0_B.device
     shape = tuple(noise0_B.shape[1:])
     histories: list[list[dict]] = [[] for _ in range(B)]
-    best_total = torch.full((B,), -float("inf"))
-    best_iter = torch.zeros(B, dtype=torch.long)
-    best_images = best_noise = initial_images = None
-    bar = _progress(progress, num, f"{method} ({B} prompt{'s' if B > 1 else ''})")
+    best = BestSoFar(B)
+    bar = progress_bar(progress, num, f"{method} ({B} prompt{'s' if B > 1 else ''})")
     for j in range(num):
         noise = noise0_B.float() if j == 0 else sample_noise(shape, seed + j, indices)
         images = generate(noise.to(device), cond).float().cpu()
-        scores = _score(terms, images.to(device), prompts, metadata, checkpoint=False)
-        total_B = _total(terms, scores).cpu()
-        if initial_images is None:
-            initial_images, best_images, best_noise = images.clone(), images.clone(), noise.cpu().clone()
-        improved = total_B > best_total
-        best_images[improved], best_noise[improved] = images[improved], noise.cpu()[improved]
-        best_iter[improved] = j
-        best_total = torch.where(improved, total_B, best_total)
+        scores = score_terms(terms, images.to(device), prompts, metadata, checkpoint=False)
+        total_B = reward_total(terms, scores).cpu()
+        best.update(j, total_B, images, noise)
         records = []
         for b in range(B):
             rec = {"iteration": j, "seed": seed + j, "rewards": {k: float(v[b]) for k, v in scores.items()},
@@ -76,16 +71,9 @@ def explore_noises(
         if on_iteration is not None:
             on_iteration(j, images, records)
         bar.update(1)
-        bar.set_postfix(reward=f"{float(total_B.mean()):.4f}", best=f"{float(best_total.mean()):.4f}")
+        bar.set_postfix(reward=f"{float(total_B.mean()):.4f}", best=f"{float(best.total.mean()):.4f}")
     bar.close()
-    seconds = time.time() - t0
-    return [
-        Result(prompt=prompts[b], method=method, best_image=best_images[b], initial_image=initial_images[b],
-               best_noise=best_noise[b], initial_noise=noise0_B[b].detach().cpu().float(),
-               best_reward=float(best_total[b]), initial_reward=histories[b][0]["reward_total"],
-               best_iteration=int(best_iter[b]), generator_calls=num, seconds=seconds / B, history=histories[b])
-        for b in range(B)
-    ]
+    return best.results(prompts, method, noise0_B, histories, num, time.time() - t0)
 
 
 def best_of_n_batch(
@@ -113,10 +101,10 @@ def best_of_n_batch(
     if ignored:
         raise ValueError(f"best_of_n takes no optimizer options ({', '.join(ignored)}): it only samples and "
                          f"scores; of OptimConfig's fields only {sorted(scoring)} apply")
-    optim, gen = _resolve_options(None, gen, overrides)
-    prompts = _check_prompts(prompts)
+    optim, gen = resolve_options(None, gen, overrides)
+    prompts = check_prompts(prompts)
     terms = reward_terms(rewards, optim.reward_views, optim.view_shift)
-    noise0 = _start_noise(policy, gen, noise, len(prompts), seed, offset)
+    noise0 = start_noise(policy, gen, noise, len(prompts), seed, offset)
     generate = make_generator(policy, gen)
     return explore_noises(generate, policy.encode(prompts), terms, prompts, noise0, num, seed,
                           list(range(offset, offset + len(prompts))), metadata=metadata, device=policy.device,
@@ -157,12 +145,12 @@ def carinox_batch(
         raise ValueError(f"carinox optimize must be 'best' or 'each', got {optimize!r}")
     if num_seeds < 1:
         raise ValueError(f"carinox needs num_seeds >= 1, got {num_seeds}")
-    optim, gen = _resolve_options(optim, gen, overrides)
-    prompts = _check_prompts(prompts)
+    optim, gen = resolve_options(optim, gen, overrides)
+    prompts = check_prompts(prompts)
     terms = reward_terms(rewards, optim.reward_views, optim.view_shift)
     B = len(prompts)
     indices = list(range(offset, offset + B))
-    noise0 = _start_noise(policy, gen, noise, B, seed, offset)
+    noise0 = start_noise(policy, gen, noise, B, seed, offset)
     generate = make_generator(policy, gen)
     cond = policy.encode(prompts)
     t0 = time.time()
