@@ -79,7 +79,6 @@ class GRPOTrainer:
 
     def __init__(self, cfg: Config, *, policy=None, reward=None, eval_reward=None, accelerator=None, log=print):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
 
         self.cfg, self.log = cfg, log
         t, s = cfg.train, cfg.sampling
@@ -89,40 +88,13 @@ class GRPOTrainer:
         self.output_dir = Path(cfg.run.output_dir)
         self.prompts = read_prompts(t.prompts)
         self.eval_prompts = read_prompts(cfg.eval.prompts) if cfg.eval.prompts else None
-
-        set_seed(cfg.run.seed)  # LoRA's random init (the same on every process)
-        self.policy = policy if policy is not None else self._load_policy()
-        if not hasattr(self.policy, "velocity"):
-            raise ConfigError(f"GRPO trains flow models; {type(self.policy).__name__} has no velocity()")
+        self.policy = self._load_policy(policy)
         self.device = self.policy.device
-        self.reward = reward if reward is not None else _build_rewards(cfg.rewards)
-        if eval_reward is None and self.eval_prompts is not None:
-            if cfg.eval.rewards:
-                eval_reward = _build_rewards(cfg.eval.rewards)
-            elif not needs_groups(self.reward):  # eval images come without groups
-                eval_reward = self.reward
-
+        self.reward, eval_reward = self._load_rewards(reward, eval_reward)
         self.sde = SDEPolicy.from_config(s, self.policy.sigmas(s.num_steps, s.height, s.width, s.shift))
         self.latent_shape = self.policy.latent_shape(s.height, s.width)
-        plan = self.sde.plan(0, self._gen(0, Stream.SIZES))  # sizes do not depend on the draw
-        self.sizes = Sizes.of(cfg, self.world, units_per_image=self.sde.units_per_image(plan),
-                              recorded_steps_per_unit=self.sde.steps_per_unit(plan))
-        if needs_groups(self.reward) and t.prompts_per_iteration % self.world:
-            raise ConfigError(
-                f"a reward that needs groups (win_rate) judges whole groups on one process: train.prompts_per_iteration="
-                f"{t.prompts_per_iteration} must be a multiple of the {self.world} processes"
-            )
-
-        params = self.policy.trainable_parameters()
-        if not params:
-            raise ConfigError("the policy has no trainable parameters; use model.train_mode=lora or full")
-        names = [n for n, p in self.policy.denoiser.named_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        self._wrapped, optimizer = self.acc.prepare(self.policy.denoiser, opt)
-        self.policy.wrap_denoiser(self._wrapped)
-        self.state = TrainState(self.acc, self.output_dir, params, names, optimizer, device=self.device,
-                                ema_decay=t.ema_decay if t.ema else None, keep_checkpoints=cfg.run.keep_checkpoints,
-                                prompts_per_iteration=t.prompts_per_iteration)
+        self.sizes = self._sizes()
+        self.state = self._build_state()
         self.objective = OBJECTIVES[t.objective](t, self.policy, self.sde, s.guidance_scale)
         if self.objective.batch_unit != "unit":
             raise ConfigError(f"train.objective={t.objective} needs micro-batches of whole groups, which the "
@@ -133,13 +105,62 @@ class GRPOTrainer:
                                        noise_stream=Stream.EVAL_NOISE, output_dir=self.output_dir)
         self.iteration = 0
 
-    def _load_policy(self):
-        from ..models import load_policy
+    def _load_policy(self, policy):
+        """The given policy, or the configured one (LoRA initialised from the run seed, the same on every
+        process); it must be a flow model."""
+        from accelerate.utils import set_seed
 
-        model_cfg = self.cfg.model
-        if model_cfg.device == "auto":
-            model_cfg = dataclasses.replace(model_cfg, device=str(self.acc.device))
-        return load_policy(model_cfg)
+        set_seed(self.cfg.run.seed)
+        if policy is None:
+            from ..models import load_policy
+
+            model_cfg = self.cfg.model
+            if model_cfg.device == "auto":
+                model_cfg = dataclasses.replace(model_cfg, device=str(self.acc.device))
+            policy = load_policy(model_cfg)
+        if not hasattr(policy, "velocity"):
+            raise ConfigError(f"GRPO trains flow models; {type(policy).__name__} has no velocity()")
+        return policy
+
+    def _load_rewards(self, reward, eval_reward):
+        """(training reward, eval reward or None): given or built from the config; without
+        ``eval.rewards`` the eval reuses the training reward unless it needs groups (eval images have none)."""
+        from ..rewards import build_rewards
+
+        cfg = self.cfg
+        reward = reward if reward is not None else build_rewards(cfg.rewards)
+        if eval_reward is None and self.eval_prompts is not None:
+            if cfg.eval.rewards:
+                eval_reward = build_rewards(cfg.eval.rewards)
+            elif not needs_groups(reward):
+                eval_reward = reward
+        return reward, eval_reward
+
+    def _sizes(self) -> Sizes:
+        t = self.cfg.train
+        plan = self.sde.plan(0, self._gen(0, Stream.SIZES))  # sizes do not depend on the draw
+        sizes = Sizes.of(self.cfg, self.world, units_per_image=self.sde.units_per_image(plan),
+                         recorded_steps_per_unit=self.sde.steps_per_unit(plan))
+        if needs_groups(self.reward) and t.prompts_per_iteration % self.world:
+            raise ConfigError(
+                f"a reward that needs groups (win_rate) judges whole groups on one process: train.prompts_per_iteration="
+                f"{t.prompts_per_iteration} must be a multiple of the {self.world} processes"
+            )
+        return sizes
+
+    def _build_state(self) -> TrainState:
+        """The trainable parameters, AdamW, the distributed wrapper of the denoiser and the EMA."""
+        t = self.cfg.train
+        params = self.policy.trainable_parameters()
+        if not params:
+            raise ConfigError("the policy has no trainable parameters; use model.train_mode=lora or full")
+        names = [n for n, p in self.policy.denoiser.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self._wrapped, optimizer = self.acc.prepare(self.policy.denoiser, opt)
+        self.policy.wrap_denoiser(self._wrapped)
+        return TrainState(self.acc, self.output_dir, params, names, optimizer, device=self.device,
+                          ema_decay=t.ema_decay if t.ema else None, keep_checkpoints=self.cfg.run.keep_checkpoints,
+                          prompts_per_iteration=t.prompts_per_iteration)
 
     def _gen(self, iteration: int, stream: Stream, *more: int, device="cpu") -> torch.Generator:
         return seeded_generator(self.cfg.run.seed, iteration, stream, *more, device=device)
@@ -280,14 +301,15 @@ class GRPOTrainer:
             g = self._gen(iteration, Stream.SHUFFLE, epoch, self.rank)
             order, live = _shuffled(idx, n_train, g)  # [n_train] unit per row; live False: padding
             cols = _columns(len(batch.prompts), T, T_train, t.shuffle_timesteps, g)  # [n, T_train]
-            for first in range(0, n_micro, accumulate):  # one optimizer step per `accumulate` micro-batches
+            # one optimizer step per `accumulate` micro-batches (written out rather than accelerate's
+            # accumulate(): a step averages over its own micro-batches × columns, the last one over fewer)
+            for first in range(0, n_micro, accumulate):
                 group = range(first, min(first + accumulate, n_micro))
                 for m in group:
                     rows, alive = order[m * mb:(m + 1) * mb], live[m * mb:(m + 1) * mb]
                     for j in range(T_train):
-                        # gradients are averaged over the step's micro-batches and columns, and
-                        # all-reduced across processes once, at its last backward
-                        with self._no_sync(unless=m == group[-1] and j == T_train - 1):
+                        # gradients are all-reduced across processes once per step, at its last backward
+                        with self._grad_sync(m == group[-1] and j == T_train - 1):
                             out = self._micro_step(batch, rows, cols[rows, j], alive, scale=1.0 / (T_train * len(group)))
                         for k, v in out.items():
                             stats.setdefault(k, []).append(v)
@@ -307,8 +329,9 @@ class GRPOTrainer:
         self.acc.backward((mb.alive.float() * loss_B).sum() / len(mb) * scale)
         return metrics
 
-    def _no_sync(self, unless: bool):
-        if unless or self.world == 1:
+    def _grad_sync(self, sync: bool):
+        """A backward's context: gradients all-reduced across processes (``sync``) or kept local."""
+        if sync or self.world == 1:
             return contextlib.nullcontext()
         return self.acc.no_sync(self._wrapped)
 
@@ -359,48 +382,29 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Run (or resume) to ``train.num_iterations``; returns the last eval metrics."""
-        from .logging import MetricsLogger
-
-        cfg = self.cfg
-        start = 0
-        if cfg.run.resume and (ck := self.state.latest()) is not None:
-            start = self.iteration = self.state.load(ck)
-            if self.is_main:
-                self.log(f"resumed from {ck} (iteration {start})")
-        logger = None
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
-            logger = MetricsLogger(self.output_dir, cfg.run.tracker, config=_as_dict(cfg),
-                                   resume_iteration=start if start else -1)
-            self.log("flowalign train: " + ", ".join(f"{k}={v}" for k, v in self.summary().items()))
+        cfg, n = self.cfg, self.cfg.train.num_iterations
+        start = self._resume()
+        logger = self._open_log(start)
         last_eval: dict = {}
         if start == 0 and cfg.eval.at_start and self.eval_prompts is not None:
             last_eval = self.evaluate(0)
             if logger is not None and last_eval:
                 logger.log(0, last_eval)
-        bar = None
-        if self.is_main and cfg.run.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.train.num_iterations, initial=start, desc="grpo", dynamic_ncols=True, file=sys.stderr)
-        for it in range(start, cfg.train.num_iterations):
+        bar = self._progress_bar(start)
+        for it in range(start, n):
             metrics = self.train_iteration(it)
             done = self.iteration = it + 1
-            last = done == cfg.train.num_iterations
-            if done % cfg.eval.every == 0 or last:
+            if done % cfg.eval.every == 0 or done == n:
                 if ev := self.evaluate(done):
                     last_eval = ev
                     metrics.update(ev)
-            if logger is not None and (done % cfg.run.log_every == 0 or last):
+            if logger is not None and (done % cfg.run.log_every == 0 or done == n):
                 logger.log(done, metrics)
             if bar is not None:
-                post = {"reward": f"{metrics['reward/total/mean']:.3f}"}
-                if "eval/reward" in last_eval:
-                    post["eval"] = f"{last_eval['eval/reward']:.3f}"
-                bar.set_postfix(post)
+                bar.set_postfix({"reward": f"{metrics['reward/total/mean']:.3f}",
+                                 **({"eval": f"{last_eval['eval/reward']:.3f}"} if "eval/reward" in last_eval else {})})
                 bar.update(1)
-            if done % cfg.run.save_every == 0 or last:
+            if done % cfg.run.save_every == 0 or done == n:
                 self.state.save(done)
         if bar is not None:
             bar.close()
@@ -408,6 +412,36 @@ class GRPOTrainer:
         if logger is not None:
             logger.close()
         return last_eval
+
+    def _resume(self) -> int:
+        """The iteration to start from: the latest checkpoint's (with ``run.resume``), else 0."""
+        if self.cfg.run.resume and (ck := self.state.latest()) is not None:
+            self.iteration = self.state.load(ck)
+            if self.is_main:
+                self.log(f"resumed from {ck} (iteration {self.iteration})")
+            return self.iteration
+        return 0
+
+    def _open_log(self, start: int):
+        """Main process: the run folder's config.yaml, the metrics logger (from ``start``), the summary line."""
+        if not self.is_main:
+            return None
+        from .logging import MetricsLogger
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.output_dir / "config.yaml")
+        logger = MetricsLogger(self.output_dir, self.cfg.run.tracker, config=_as_dict(self.cfg),
+                               resume_iteration=start if start else -1)
+        self.log("flowalign train: " + ", ".join(f"{k}={v}" for k, v in self.summary().items()))
+        return logger
+
+    def _progress_bar(self, start: int):
+        if not (self.is_main and self.cfg.run.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.num_iterations, initial=start, desc="grpo", dynamic_ncols=True,
+                    file=sys.stderr)
 
 
 def _shuffled(idx: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,12 +466,6 @@ def _columns(n: int, T: int, T_train: int, shuffle: bool, g: torch.Generator) ->
 
 def _mean(values: list) -> float:
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def _build_rewards(specs):
-    from ..rewards import build_rewards
-
-    return build_rewards(specs)
 
 
 def _as_dict(cfg: Config) -> dict:
