@@ -2,6 +2,11 @@
 
     cfg = load_config("configs/x.yaml", ["train.lr=1e-4", "sampling.noise_level=0.8"])
 
+This module holds the sections several commands share (``model``, ``sampling``, ``rewards``,
+``run``) and the loading machinery; a command's own sections live beside its code:
+``flowalign/grpo/config.py`` (``train``, ``eval``, the whole ``Config`` of ``flowalign train`` and
+``load_config``, also importable from here) and ``flowalign/noise_opt/config.py`` (``flowalign reno``).
+
 Loading goes through OmegaConf structured configs (types, conversion, interpolation); on top of that
 flowalign checks every key against the schema first (so a typo names the nearest valid key), then
 value ranges and cross-field combinations. Every user mistake raises ``ConfigError`` (a ValueError)
@@ -18,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .models.families import ATTENTION_BACKENDS, FAMILIES, TRAIN_MODES

@@ -10,7 +10,6 @@ fresh folder instead). ``--dry-run`` loads everything and prints the start-up su
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -62,21 +61,3 @@ def register(sub) -> None:
     p.add_argument("--no-resume", action="store_true", help="do not resume; refuse an output_dir with checkpoints")
     p.add_argument("--dry-run", action="store_true", help="load model, rewards and prompts; print the summary; exit")
     p.set_defaults(func=_cmd_train)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flowalign.grpo.cli CONFIG ...``: the command alone (``flowalign train`` is the same)."""
-    parser = argparse.ArgumentParser(prog="flowalign")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    from ..config import ConfigError
-
-    try:
-        return ns.func(ns)
-    except ConfigError as e:
-        print(f"flowalign: config error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -59,7 +59,6 @@ def parse_seeds(text: str) -> list[int]:
 
 def _load(ns):
     """(config, prompts, metadata, seeds) from the command line; ValueError on any user mistake."""
-    from ..config import ConfigError
     from .config import load_noise_opt_config
 
     if ns.prompt is not None:
