@@ -1,67 +1,192 @@
 """``flowalign pocket build``: train the pocket models from scratch, deterministically for a seed.
 
-Stages (each resumable: a finished stage leaves its folder and is skipped on the next run):
+Stages, each cached in its own folder ``<cache>/<stage>-<key>`` where ``key`` hashes every setting the
+stage depends on (its own fields and its inputs' keys), so builds that share a stage share its folder
+(the oracle and the base share the data and the VAE) and a changed setting never reuses a stale one.
+Every stage is resumable *within* itself: the data stage renders in chunks, the training stages write
+a checkpoint (weights, optimizer, EMA, random states) every ``checkpoint_every`` steps, and a build
+stopped at any point (``max_seconds``, ``stop_after_steps``, or killed) ends, when run again, with
+the same weights as an uninterrupted one.
 
-1. ``data``  – render a dataset of scenes for prompts of every category (uint8, cached as .npz).
+1. ``data``  – scenes of every category (specs drawn from the grammar, rendered at 32×32, uint8).
 2. ``vae``   – an ``AutoencoderKL`` 32×32×3 → 8×8×4, reconstruction + a small KL; then the latent
                shift/scale are measured so latents are ~N(0, 1), as SD3's VAE config does.
-3. ``clip``  – a ``CLIPModel`` trained contrastively, each image against the batch's captions *and*
-               its own hard negatives (swapped color, changed count, flipped relation, ...).
-4. ``t2i``   – an ``SD3Transformer2DModel`` trained with the rectified-flow loss on cached latents,
-               conditioned on the frozen pocket-CLIP text tower (both SD3 text-encoder slots), 10%
-               caption dropout for classifier-free guidance, cosine LR, EMA of the weights. Saved
-               as a ``StableDiffusion3Pipeline`` folder (no T5).
-5. calibration – gold accuracy per category on the held-out test prompts (ODE, default steps and
-               CFG, fixed seeds) and the pocket CLIP's zero-shot pick among hard negatives.
+3. ``clip``  – a ``CLIPModel`` trained contrastively on the *training captions*, each image against the
+               batch's captions and, where its caption is a sentence of the grammar, the caption's hard
+               negatives (swapped color, changed count, flipped relation, ...). The proxy reward.
+4. ``t2i``   – an ``SD3Transformer2DModel`` trained with the rectified-flow loss on cached latents and the
+               training captions, 10% caption dropout for classifier-free guidance, cosine LR, EMA of
+               the weights. Text conditioning (``t2i_text``): ``joint`` trains a text tower (the SD3
+               CLIP slots' ``CLIPTextModelWithProjection``) together with the transformer, so relations,
+               counts and color bindings reach it; ``frozen_clip`` (the first world) uses the pocket
+               CLIP's text tower, frozen. Saved as a ``StableDiffusion3Pipeline`` folder (no T5).
+5. calibration – gold accuracy per category on the held-out test prompts at the default sampler, the
+               pocket CLIP's zero-shot pick among hard negatives, and optionally a steps × CFG sweep.
+
+**Caption regimes** (``captions``): ``clean`` captions every image exactly (the *oracle*: it shows what
+the architecture can learn); ``noisy`` corrupts them as alt-text is (the *base*, shipped: see
+:mod:`flowalign.pocket.captions` for the rates in ``noise``). Presets: ``base``, ``oracle`` (the
+base's recipe with clean captions) and ``legacy`` (the first pocket world: exact captions, frozen CLIP
+text conditioning; kept as the negative control in the README).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ema import EMA
+from ..io import atomic_dir
 from ..models.sd3 import use_collapsed_null_tokens
+from ..seeding import seed_everything
 from . import models as pm
+from .captions import CaptionNoise, captions_for
 
 NULL_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+CAPTION_REGIMES = ("clean", "noisy")
+TEXT_CONDITIONING = ("joint", "frozen_clip")
+PRESETS = ("base", "oracle", "legacy")
 
+# The shipped base's caption noise: mostly incomplete captions, a minority of wrong ones. An exact
+# mention only slightly outnumbers a wrong one for relations, counts and two-color bindings, so the
+# base can draw every scene but often doesn't, and guidance cannot sharpen its way to the answer.
+BASE_NOISE = CaptionNoise(drop_count=0.5, wrong_count=0.2, drop_relation=0.55, wrong_relation=0.2,
+                          drop_color=0.45, wrong_color=0.2, swap_colors=0.4)
 
 
 @dataclass
 class BuildConfig:
     seed: int = 0
+    captions: str = "noisy"  # "clean" (oracle) or "noisy" (alt-text-like, the shipped base)
+    noise: CaptionNoise = field(default_factory=lambda: BASE_NOISE)  # used when captions == "noisy"
     dataset_size: int = 60_000
-    vae_steps: int = 1200
-    vae_batch: int = 48
+    vae_channels: tuple[int, ...] = (32, 64, 128)
+    vae_steps: int = 1500
+    vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-5
     clip_steps: int = 1500
     clip_batch: int = 128
     clip_lr: float = 1e-3
     clip_negatives: int = 3
-    t2i_steps: int = 4500
+    t2i_text: str = "joint"  # "joint" (text tower trained with the transformer) or "frozen_clip"
+    t2i_steps: int = 6000
     t2i_batch: int = 64
     t2i_lr: float = 1e-3
-    t2i_layers: int = 5
+    t2i_layers: int = 6
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
+    checkpoint_every: int = 250  # training steps between resumable checkpoints
+    save_dtype: str = "float16"  # storage dtype of the exported weights (the package ships ≤ 30 MiB)
     eval_per_category: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.noise, dict):
+            self.noise = CaptionNoise(**self.noise)
+        self.vae_channels = tuple(self.vae_channels)
+        if self.captions not in CAPTION_REGIMES:
+            raise ValueError(f"unknown caption regime {self.captions!r}; use one of {', '.join(CAPTION_REGIMES)}")
+        if self.t2i_text not in TEXT_CONDITIONING:
+            raise ValueError(f"unknown t2i_text {self.t2i_text!r}; use one of {', '.join(TEXT_CONDITIONING)}")
+        if self.save_dtype not in ("float16", "float32"):
+            raise ValueError(f"save_dtype must be 'float16' or 'float32', got {self.save_dtype!r}")
+
+    @property
+    def caption_noise(self) -> CaptionNoise:
+        return self.noise if self.captions == "noisy" else CaptionNoise()
+
+    @classmethod
+    def preset(cls, name: str, quick: bool = False) -> "BuildConfig":
+        """``base`` (shipped), ``oracle`` (clean captions), ``legacy`` (the first world); ``quick``
+        shrinks any of them to a minutes-long smoke build (the models will be poor)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown pocket build preset {name!r}; use one of {', '.join(PRESETS)}")
+        cfg = cls()
+        if name == "oracle":
+            cfg.captions = "clean"
+        if name == "legacy":
+            cfg = cls(captions="clean", vae_channels=(16, 32, 64), vae_steps=1200, vae_batch=48,
+                      t2i_text="frozen_clip", t2i_steps=4500, t2i_layers=5, save_dtype="float32")
+        if quick:
+            cfg = dataclasses.replace(cfg, dataset_size=512, vae_channels=(8, 16, 32), vae_steps=20, vae_batch=16,
+                                      clip_steps=20, clip_batch=16,
+                                      t2i_steps=20, t2i_batch=16, t2i_layers=2, eval_per_category=2,
+                                      checkpoint_every=5)
+        return cfg
 
     @classmethod
     def quick(cls) -> "BuildConfig":
-        """A minutes-long build for smoke tests (the models will be poor)."""
-        return cls(dataset_size=512, vae_steps=20, vae_batch=16, clip_steps=20, clip_batch=16, t2i_steps=20,
-                   t2i_batch=16, t2i_layers=2, eval_per_category=2)
+        """The base recipe as a minutes-long smoke build."""
+        return cls.preset("base", quick=True)
+
+    def with_overrides(self, pairs: list[str]) -> "BuildConfig":
+        """``["t2i_steps=100", "noise.drop_count=0.5", ...]`` applied to a copy; unknown keys and
+        unparsable values fail with the list of valid keys."""
+        top = {f.name: f for f in dataclasses.fields(self)}
+        changes, noise = {}, {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+            if key.startswith("noise."):
+                name = key[len("noise."):]
+                if name not in {f.name for f in dataclasses.fields(CaptionNoise)}:
+                    raise ValueError(f"unknown caption noise key {key!r}; keys: "
+                                     + ", ".join("noise." + f.name for f in dataclasses.fields(CaptionNoise)))
+                noise[name] = _parse_value(raw, float, key)
+            elif key in top and key != "noise":
+                current = getattr(self, key)
+                kind = type(current[0]) if isinstance(current, tuple) else type(current)
+                if isinstance(current, tuple):
+                    changes[key] = tuple(_parse_value(v, kind, key) for v in raw.split(","))
+                else:
+                    changes[key] = _parse_value(raw, kind, key)
+            else:
+                raise ValueError(f"unknown build key {key!r}; keys: {', '.join(k for k in top if k != 'noise')}, "
+                                 "noise.<rate>")
+        if noise:
+            changes["noise"] = dataclasses.replace(self.noise, **noise)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(raw: str, kind: type, key: str):
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"build key {key!r} needs a {kind.__name__}, got {raw!r}") from None
+
+
+class BuildStopped(Exception):
+    """The build used up this run's budget; its state is saved and the same command resumes it."""
+
+
+class _Budget:
+    """Stops a build after ``max_seconds`` of wall time or ``stop_after_steps`` training steps (this run)."""
+
+    def __init__(self, max_seconds: float | None = None, stop_after_steps: int | None = None):
+        self.deadline = None if max_seconds is None else time.time() + max_seconds
+        self.steps_left = stop_after_steps
+
+    def exhausted(self) -> bool:
+        if self.steps_left is not None:
+            if self.steps_left <= 0:
+                return True
+            self.steps_left -= 1
+        return self.deadline is not None and time.time() >= self.deadline
 
 
 def _log(msg: str) -> None:
@@ -72,11 +197,6 @@ def _device() -> torch.device:
     """Train on the GPU when there is one; random numbers are always drawn on the CPU, so a seed gives
     the same data, noise and timesteps everywhere."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _seed(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def _cosine(step: int, total: int, warmup: int = 100) -> float:
@@ -95,46 +215,137 @@ def _optimizer_step(opt, params, loss: torch.Tensor, lr: float) -> None:
     opt.step()
 
 
-def _atomic_dir(final: Path):
-    """A temp folder that becomes ``final`` when the stage finishes (so a killed stage restarts)."""
-    tmp = final.with_name(final.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+# ---------------------------------------------------------------------------------------------
+# the stage cache
 
 
-def _finish_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+class Stage:
+    """One stage's cache folder, ``<root>/<name>-<key>``: ``stage.json`` (the settings it was made with),
+    ``checkpoint.pt`` while it trains, and ``out/`` once it is done."""
+
+    def __init__(self, root: Path, name: str, settings: dict):
+        self.name, self.settings = name, settings
+        self.key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = root / f"{name}-{self.key}"
+        record = self.dir / "stage.json"
+        if record.exists():
+            stored = json.loads(record.read_text())
+            if stored != settings:
+                diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+                raise ValueError(f"the cache folder {self.dir} was made with other settings (differs in "
+                                 f"{', '.join(diff)}); delete it or pass another --work folder")
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name("stage.json.tmp")
+            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+            os.replace(tmp, record)
+
+    @property
+    def out(self) -> Path:
+        return self.dir / "out"
+
+    @property
+    def done(self) -> bool:
+        return self.out.exists()
+
+    def finish(self, write) -> Path:
+        """``write(tmp_folder)`` then rename it to ``out/`` (a killed write leaves no ``out/``)."""
+        with atomic_dir(self.out) as tmp:
+            write(tmp)
+        (self.dir / "checkpoint.pt").unlink(missing_ok=True)
+        return self.out
+
+
+class _Trainer:
+    """The resumable part of a training stage: modules, optimizer, EMA and random generators saved
+    together every ``every`` steps (and when the budget runs out) and restored on the next run."""
+
+    def __init__(self, stage: Stage, modules: dict, opt, torch_gens: dict, np_gens: dict, ema: EMA | None,
+                 every: int, budget: _Budget):
+        self.stage, self.modules, self.opt, self.ema = stage, modules, opt, ema
+        self.torch_gens, self.np_gens, self.every, self.budget = torch_gens, np_gens, every, budget
+        self.path = stage.dir / "checkpoint.pt"
+
+    def start(self) -> int:
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=True, map_location="cpu")
+        for name, m in self.modules.items():
+            m.load_state_dict(state["modules"][name])
+        self.opt.load_state_dict(state["opt"])
+        if self.ema is not None:
+            self.ema.load(state["ema"])
+        for name, g in self.torch_gens.items():
+            g.set_state(state["torch_gens"][name])
+        for name, g in self.np_gens.items():
+            g.bit_generator.state = json.loads(state["np_gens"][name])
+        _log(f"{self.stage.name}: resuming at step {state['step']}")
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        state = {
+            "step": step,
+            "modules": {n: m.state_dict() for n, m in self.modules.items()},
+            "opt": self.opt.state_dict(),
+            "ema": [e.detach().cpu() for e in self.ema.shadow] if self.ema is not None else [],
+            "torch_gens": {n: g.get_state() for n, g in self.torch_gens.items()},
+            "np_gens": {n: json.dumps(g.bit_generator.state) for n, g in self.np_gens.items()},
+        }
+        tmp = self.path.with_name("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def before_step(self, step: int, start: int) -> None:
+        """Checkpoint on schedule; stop (after saving) when the budget is spent."""
+        if self.budget.exhausted():
+            self.save(step)
+            raise BuildStopped(f"stopped in stage {self.stage.name} at step {step}")
+        if step > start and step % self.every == 0:
+            self.save(step)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. data
 
 
-def make_dataset(work: Path, cfg: BuildConfig) -> dict:
-    path = work / "data.npz"
-    if path.exists():
-        d = np.load(path, allow_pickle=False)
-        return {"images": d["images"], "prompts": [str(p) for p in d["prompts"]]}
+def make_dataset(stage: Stage, cfg: BuildConfig, budget: _Budget) -> dict:
+    """Specs drawn uniformly per category (all combinations, held-out ones included: pretraining sees
+    everything, as a web-scale model would) and rendered in chunks of 2000, each chunk kept on disk."""
     from .grammar import CATEGORIES, spec_to_prompt
     from .prompts import sample_specs
     from .render import render_batch
 
-    rng = np.random.default_rng(cfg.seed)
-    specs = sample_specs(cfg.dataset_size, rng, CATEGORIES, split="all")
-    prompts = [spec_to_prompt(s) for s in specs]
-    chunks = []
-    for i in range(0, len(prompts), 2000):
-        imgs, _ = render_batch(prompts[i:i + 2000], seed=cfg.seed + 1 + i // 2000)
-        chunks.append((imgs * 255 + 0.5).astype(np.uint8))
-    images = np.concatenate(chunks)
-    tmp = work / "data.tmp.npz"
-    np.savez(tmp, images=images, prompts=np.array(prompts))
-    os.replace(tmp, path)
-    return {"images": images, "prompts": prompts}
+    if not stage.done:
+        rng = np.random.default_rng(cfg.seed)
+        prompts = [spec_to_prompt(s) for s in sample_specs(cfg.dataset_size, rng, CATEGORIES, split="all")]
+        chunks = []
+        for k, i in enumerate(range(0, len(prompts), 2000)):
+            path = stage.dir / f"chunk_{k:04d}.npy"
+            if not path.exists():
+                if budget.exhausted():
+                    raise BuildStopped(f"stopped in stage data at chunk {k}")
+                imgs, _ = render_batch(prompts[i:i + 2000], seed=cfg.seed + 1 + k)
+                tmp = path.with_name(path.name + ".tmp.npy")
+                np.save(tmp, (imgs * 255 + 0.5).astype(np.uint8))
+                os.replace(tmp, path)
+            chunks.append(np.load(path))
+
+        def write(tmp: Path) -> None:
+            np.savez(tmp / "data.npz", images=np.concatenate(chunks), prompts=np.array(prompts))
+
+        stage.finish(write)
+        for path in stage.dir.glob("chunk_*.npy"):
+            path.unlink()
+    d = np.load(stage.out / "data.npz", allow_pickle=False)
+    return {"images": d["images"], "prompts": [str(p) for p in d["prompts"]]}
+
+
+def training_captions(data: dict, cfg: BuildConfig) -> tuple[list[str], dict[str, float]]:
+    """The caption each training image is shown with (exact, or corrupted per ``cfg.noise``), and the
+    fractions of exact, incomplete and wrong captions."""
+    from .grammar import parse_prompt
+
+    return captions_for([parse_prompt(p) for p in data["prompts"]], cfg.caption_noise, seed=cfg.seed + 5)
 
 
 def _to_unit(images_u8: np.ndarray) -> torch.Tensor:
@@ -145,19 +356,21 @@ def _to_unit(images_u8: np.ndarray) -> torch.Tensor:
 # 2. vae
 
 
-def train_vae(work: Path, data: dict, cfg: BuildConfig):
+def train_vae(stage: Stage, data: dict, cfg: BuildConfig, budget: _Budget):
     from diffusers import AutoencoderKL
 
-    final = work / "vae"
-    if final.exists():
-        return AutoencoderKL.from_pretrained(final)
-    g = _seed(cfg.seed + 10)
+    if stage.done:
+        return AutoencoderKL.from_pretrained(stage.out)
+    g = seed_everything(cfg.seed + 10)
     dev = _device()
-    vae = pm.vae_model().to(dev)
+    vae = pm.vae_model(cfg.vae_channels).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    run = _Trainer(stage, {"vae": vae}, opt, {"g": g}, {}, None, cfg.checkpoint_every, budget)
     images = data["images"]
     t0 = time.time()
-    for step in range(cfg.vae_steps):
+    start = run.start()
+    for step in range(start, cfg.vae_steps):
+        run.before_step(step, start)
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
         x = (_to_unit(images[idx.numpy()]) * 2 - 1).to(dev)
         post = vae.encode(x).latent_dist
@@ -174,9 +387,7 @@ def train_vae(work: Path, data: dict, cfg: BuildConfig):
     shift, scale = float(z.mean()), float(1.0 / z.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.to("cpu")
-    tmp = _atomic_dir(final)
-    vae.save_pretrained(tmp)
-    _finish_dir(tmp, final)
+    stage.finish(vae.save_pretrained)
     _log(f"vae done: shift {shift:.4f} scale {scale:.4f}")
     return vae
 
@@ -190,28 +401,38 @@ def _tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def train_clip(work: Path, data: dict, cfg: BuildConfig):
+def _negatives(caption: str) -> list[str]:
+    """Hard negatives of a caption that is a sentence of the grammar; none for the others (bare plurals)."""
+    try:
+        return pm.hard_negatives(caption, np.random.default_rng(0))
+    except ValueError:
+        return []
+
+
+def train_clip(stage: Stage, data: dict, captions: list[str], cfg: BuildConfig, budget: _Budget):
     from transformers import CLIPModel
 
-    final = work / "clip"
     tokenizer = pm.build_tokenizer()
-    if final.exists():
-        return CLIPModel.from_pretrained(final), tokenizer
-    g = _seed(cfg.seed + 20)
+    if stage.done:
+        return CLIPModel.from_pretrained(stage.out), tokenizer
+    g = seed_everything(cfg.seed + 20)
     rng = np.random.default_rng(cfg.seed + 20)
     dev = _device()
     model = CLIPModel(pm.clip_config(tokenizer)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
-    images, prompts = data["images"], data["prompts"]
+    run = _Trainer(stage, {"clip": model}, opt, {"g": g}, {"rng": rng}, None, cfg.checkpoint_every, budget)
+    images = data["images"]
     negatives_cache: dict[str, list[str]] = {}
     t0 = time.time()
-    for step in range(cfg.clip_steps):
+    start = run.start()
+    for step in range(start, cfg.clip_steps):
+        run.before_step(step, start)
         idx = torch.randint(len(images), (cfg.clip_batch,), generator=g).numpy()
-        caps = [prompts[i] for i in idx]
+        caps = [captions[i] for i in idx]
         negs = []
         for c in caps:
             if c not in negatives_cache:
-                negatives_cache[c] = pm.hard_negatives(c, np.random.default_rng(0))
+                negatives_cache[c] = _negatives(c)
             pool = negatives_cache[c]
             pick = rng.choice(len(pool), size=min(cfg.clip_negatives, len(pool)), replace=False)
             negs += [pool[j] for j in pick] + [c] * (cfg.clip_negatives - len(pick))  # pad (masked below)
@@ -219,7 +440,7 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
         ids = _tokens(tokenizer, caps + negs).to(dev)
         out = model(input_ids=ids, pixel_values=pixel)
         logits = out.logits_per_image  # [B, B + B*H]
-        B, H = len(caps), cfg.clip_negatives
+        B = len(caps)
         texts = caps + negs
         # a caption equal to the image's own (a duplicate prompt in the batch, or padding) is no negative;
         # another image's hard negatives are ordinary negatives for this image
@@ -233,11 +454,13 @@ def train_clip(work: Path, data: dict, cfg: BuildConfig):
         if step % 200 == 0 or step == cfg.clip_steps - 1:
             _log(f"clip step {step}/{cfg.clip_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     model.to("cpu").eval()
-    tmp = _atomic_dir(final)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    pm.image_processor().save_pretrained(tmp)
-    _finish_dir(tmp, final)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        pm.image_processor().save_pretrained(tmp)
+
+    stage.finish(write)
     return model, tokenizer
 
 
@@ -273,23 +496,28 @@ def clip_zero_shot(model, tokenizer, n: int = 512, seed: int = 123) -> dict[str,
 # 4. t2i
 
 
+def encode_text(text_encoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's prompt embedding with one text tower in both CLIP slots: penultimate hidden states
+    concatenated on features, one collapsed null T5 token appended; pooled = both projections."""
+    out = text_encoder(input_ids, output_hidden_states=True)
+    h = out.hidden_states[-2]
+    emb = torch.cat([h, h], -1)
+    emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1, emb.shape[-1])], 1)
+    return emb, torch.cat([out.text_embeds, out.text_embeds], -1)
+
+
 class PocketTextEncoder:
-    """SD3's prompt embedding for the pocket pipeline: both CLIP slots (penultimate hidden states
-    concatenated on features; pooled = both projections), plus one collapsed null T5 token."""
+    """:func:`encode_text` on prompts, without gradients (what ``SD3Policy.encode`` computes)."""
 
     def __init__(self, text_encoder, tokenizer):
         self.enc, self.tok = text_encoder, tokenizer
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.enc(_tokens(self.tok, prompts), output_hidden_states=True)
-        h = out.hidden_states[-2]
-        emb = torch.cat([h, h], -1)
-        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1, emb.shape[-1])], 1)
-        return emb, torch.cat([out.text_embeds, out.text_embeds], -1)
+        return encode_text(self.enc, _tokens(self.tok, prompts))
 
 
-def _text_encoder_from_clip(clip_model, tokenizer):
+def _text_encoder_from_clip(clip_model):
     from transformers import CLIPTextModelWithProjection
 
     te = CLIPTextModelWithProjection(clip_model.config.text_config)
@@ -301,59 +529,50 @@ def _text_encoder_from_clip(clip_model, tokenizer):
     return te.eval()
 
 
-def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConfig):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    final = work / "t2i"
-    if final.exists():
-        return load_pipeline(final)
-    g = _seed(cfg.seed + 30)
-    te = _text_encoder_from_clip(clip_model, tokenizer)
-    encode = PocketTextEncoder(te, tokenizer)
-    images, prompts = data["images"], data["prompts"]
-    distinct = sorted(set(prompts)) + [""]
-    pos = {p: i for i, p in enumerate(distinct)}
-    embs, pooled = [], []
-    for i in range(0, len(distinct), 256):
-        e, p = encode(distinct[i:i + 256])
-        embs.append(e)
-        pooled.append(p)
-    embs, pooled = torch.cat(embs), torch.cat(pooled)
-    prompt_idx = torch.tensor([pos[p] for p in prompts])
-    empty = pos[""]
+def _latents(vae, images: np.ndarray) -> torch.Tensor:
     vae.eval()
     with torch.no_grad():
         lat = []
         for i in range(0, len(images), 512):
             x = _to_unit(images[i:i + 512]) * 2 - 1
             lat.append((vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor)
-        latents = torch.cat(lat)
-    _log(f"t2i: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct prompts cached")
-    width = embs.shape[-1]
+    return torch.cat(lat)
+
+
+def train_t2i(stage: Stage, data: dict, captions: list[str], vae, clip_model, tokenizer, cfg: BuildConfig,
+              budget: _Budget):
+    """The rectified-flow T2I model; ``clip_model`` is used only with ``t2i_text == "frozen_clip"``."""
+    if stage.done:
+        return load_pipeline(stage.out)
+    g = seed_everything(cfg.seed + 30)
+    joint = cfg.t2i_text == "joint"
+    transformer, te = _t2i_modules(cfg, tokenizer, clip_model)
+    distinct = sorted(set(captions)) + [""]
+    pos = {p: i for i, p in enumerate(distinct)}
+    ids = _tokens(tokenizer, distinct)
+    prompt_idx = torch.tensor([pos[p] for p in captions])
+    empty = pos[""]
+    latents = _latents(vae, data["images"])
+    _log(f"t2i: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct captions "
+         f"({'text tower trained jointly' if joint else 'frozen CLIP text tower'})")
     dev = _device()
-    embs, pooled, latents = embs.to(dev), pooled.to(dev), latents.to(dev)
-    transformer = pm.transformer_model(width, pooled.shape[-1], layers=cfg.t2i_layers).to(dev)
-    use_collapsed_null_tokens(transformer, NULL_T5_TOKENS)
-    ema = [p.detach().clone() for p in transformer.parameters()]
-    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.t2i_lr, weight_decay=0.01)
-    ckpt_path = work / "t2i_checkpoint.pt"
-    start = 0
-    if ckpt_path.exists():  # resume a killed build where it stopped
-        state = torch.load(ckpt_path, weights_only=True, map_location=dev)
-        transformer.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        for e, v in zip(ema, state["ema"]):
-            e.copy_(v)
-        g.set_state(state["rng"])
-        start = state["step"]
-        _log(f"t2i: resuming at step {start}")
+    te, transformer = te.to(dev), transformer.to(dev)
+    embs = pooled = None
+    if not joint:
+        with torch.no_grad():
+            parts = [encode_text(te, ids[i:i + 256].to(dev)) for i in range(0, len(ids), 256)]
+        embs, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    ids, latents = ids.to(dev), latents.to(dev)
+    modules = {"transformer": transformer, **({"text_encoder": te} if joint else {})}
+    params = [p for m in modules.values() for p in m.parameters()]
+    ema = EMA(params, cfg.ema_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.t2i_lr, weight_decay=0.01)
+    run = _Trainer(stage, modules, opt, {"g": g}, {}, ema, cfg.checkpoint_every, budget)
     t0 = time.time()
+    start = run.start()
+    te.train(joint)
     for step in range(start, cfg.t2i_steps):
-        if step > start and step % 500 == 0:
-            state = {"step": step, "model": transformer.state_dict(), "opt": opt.state_dict(), "ema": ema,
-                     "rng": g.get_state()}
-            torch.save(state, work / "t2i_checkpoint.tmp")
-            os.replace(work / "t2i_checkpoint.tmp", ckpt_path)
+        run.before_step(step, start)
         idx = torch.randint(len(latents), (cfg.t2i_batch,), generator=g)
         x0 = latents[idx.to(dev)]
         pid = prompt_idx[idx].clone()
@@ -362,34 +581,75 @@ def train_t2i(work: Path, data: dict, vae, clip_model, tokenizer, cfg: BuildConf
         t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(dev)  # logit-normal(0, 1), as SD3
         eps = torch.randn(x0.shape, generator=g).to(dev)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        v = transformer(hidden_states=xt, encoder_hidden_states=embs[pid], pooled_projections=pooled[pid],
-                        timestep=t * 1000).sample
+        emb, pool = encode_text(te, ids[pid]) if joint else (embs[pid], pooled[pid])
+        v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pool, timestep=t * 1000).sample
         loss = F.mse_loss(v, eps - x0)
-        _optimizer_step(opt, transformer.parameters(), loss, cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200))
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, transformer.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
+        _optimizer_step(opt, params, loss, cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200))
+        ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten fast
+        ema.update()
         if step % 200 == 0 or step == cfg.t2i_steps - 1:
             _log(f"t2i step {step}/{cfg.t2i_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    with torch.no_grad():
-        for e, p in zip(ema, transformer.parameters()):
-            p.copy_(e)
+    ema.copy_to()
+    stage.finish(_pipeline(transformer, te, vae, tokenizer).save_pretrained)
+    return load_pipeline(stage.out)
+
+
+def _t2i_modules(cfg: BuildConfig, tokenizer, clip_model):
+    """The transformer and the text tower it is conditioned on (fresh, or the CLIP's for ``frozen_clip``);
+    the text width of both SD3 CLIP slots sets the transformer's joint-attention and pooled widths."""
+    from transformers import CLIPTextModelWithProjection
+
+    if cfg.t2i_text == "joint":
+        te = CLIPTextModelWithProjection(pm.clip_config(tokenizer).text_config)
+    else:
+        te = _text_encoder_from_clip(clip_model)
+    transformer = pm.transformer_model(2 * te.config.hidden_size, 2 * te.config.projection_dim, layers=cfg.t2i_layers)
+    use_collapsed_null_tokens(transformer, NULL_T5_TOKENS)
+    return transformer, te
+
+
+def _pipeline(transformer, te, vae, tokenizer):
+    """A ``StableDiffusion3Pipeline`` of the pocket parts (the text tower in both CLIP slots, no T5), on CPU."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     transformer.set_attn_processor(JointAttnProcessor2_0())  # saved models carry no custom processor
-    pipe = StableDiffusion3Pipeline(
+    te = te.to("cpu").eval()
+    return StableDiffusion3Pipeline(
         transformer=transformer.to("cpu").eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
-        vae=vae,
-        text_encoder=te, tokenizer=tokenizer,
-        text_encoder_2=_text_encoder_from_clip(clip_model, tokenizer), tokenizer_2=tokenizer,
+        vae=vae, text_encoder=te, tokenizer=tokenizer, text_encoder_2=te, tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )
-    tmp = _atomic_dir(final)
-    pipe.save_pretrained(tmp)
-    _finish_dir(tmp, final)
-    return pipe
+
+
+def snapshot(out_dir: str | os.PathLike, cfg: BuildConfig, work_dir: str | os.PathLike | None = None) -> int:
+    """Export the T2I stage as it stands (its last checkpoint's EMA weights, or the finished model) to
+    ``out_dir/t2i`` without training; returns the step it was taken at. For watching a long build."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel
+
+    st = stages(cfg, Path(work_dir) if work_dir is not None else default_cache())
+    out = Path(out_dir) / "t2i"
+    if st["t2i"].done:
+        _export(st["t2i"].out, out, cfg.save_dtype)
+        return cfg.t2i_steps
+    ckpt = st["t2i"].dir / "checkpoint.pt"
+    if not ckpt.exists():
+        raise ValueError(f"the T2I stage {st['t2i'].dir} has no checkpoint yet; it writes one every "
+                         f"{cfg.checkpoint_every} steps once the build reaches it")
+    tokenizer = pm.build_tokenizer()
+    clip_model = CLIPModel.from_pretrained(st["clip"].out) if cfg.t2i_text == "frozen_clip" else None
+    transformer, te = _t2i_modules(cfg, tokenizer, clip_model)
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    params = list(transformer.parameters()) + (list(te.parameters()) if cfg.t2i_text == "joint" else [])
+    with torch.no_grad():
+        for p, e in zip(params, state["ema"], strict=True):
+            p.copy_(e)
+    pipe = _pipeline(transformer, te, AutoencoderKL.from_pretrained(st["vae"].out), tokenizer)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp)
+    return int(state["step"])
 
 
 def load_pipeline(path):
@@ -400,32 +660,130 @@ def load_pipeline(path):
     return StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
 
 
-def build(out_dir: str | os.PathLike, cfg: BuildConfig = BuildConfig(), work_dir: str | os.PathLike | None = None,
-          test_prompts: str | os.PathLike | None = None) -> dict:
-    """Train every pocket model into ``out_dir`` (``clip/``, ``t2i/``) and return the calibration."""
-    out = Path(out_dir)
-    work = Path(work_dir) if work_dir is not None else out / "_work"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "build_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t0 = time.time()
-    data = make_dataset(work, cfg)
-    _log(f"dataset: {len(data['prompts'])} scenes ({time.time() - t0:.0f}s)")
-    vae = train_vae(work, data, cfg)
-    clip_model, tokenizer = train_clip(work, data, cfg)
-    pipe = train_t2i(work, data, vae, clip_model, tokenizer, cfg)
-    for name in ("clip", "t2i"):
-        if (out / name).resolve() != (work / name).resolve():
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-            shutil.copytree(work / name, out / name)
-    report = {"build_seconds": round(time.time() - t0, 1), "clip_zero_shot": clip_zero_shot(clip_model, tokenizer)}
-    if test_prompts is not None:
-        from ..models.sd3 import SD3Policy
-        from .sample import evaluate_model
+# ---------------------------------------------------------------------------------------------
+# the whole build
 
-        policy = SD3Policy(pipe, device="cpu", dtype="float32", train_mode="none")
-        report["gold"] = evaluate_model(policy, test_prompts, seed=cfg.seed, limit_per_category=cfg.eval_per_category,
-                                        out_dir=out / "calibration")["gold"]
-    (out / "calibration.json").write_text(json.dumps(report, indent=2))
+
+def default_cache() -> Path:
+    """``$FLOWALIGN_CACHE/pocket-build``, else ``$XDG_CACHE_HOME/flowalign/pocket-build``, else
+    ``~/.cache/flowalign/pocket-build``: outside any work tree, so a build spans sessions."""
+    if os.environ.get("FLOWALIGN_CACHE"):
+        return Path(os.environ["FLOWALIGN_CACHE"]) / "pocket-build"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flowalign" / "pocket-build"
+
+
+def stages(cfg: BuildConfig, root: Path) -> dict[str, Stage]:
+    """The four stage folders of a build: each keyed by its own settings and its inputs' keys."""
+    data = Stage(root, "data", {"seed": cfg.seed, "dataset_size": cfg.dataset_size})
+    vae = Stage(root, "vae", {"data": data.key, "seed": cfg.seed, "channels": list(cfg.vae_channels),
+                              "steps": cfg.vae_steps, "batch": cfg.vae_batch, "lr": cfg.vae_lr, "kl": cfg.vae_kl,
+                              "checkpoint_every": cfg.checkpoint_every})
+    noise = dataclasses.asdict(cfg.caption_noise)
+    clip = Stage(root, "clip", {"data": data.key, "seed": cfg.seed, "noise": noise, "steps": cfg.clip_steps,
+                                "batch": cfg.clip_batch, "lr": cfg.clip_lr, "negatives": cfg.clip_negatives,
+                                "checkpoint_every": cfg.checkpoint_every})
+    t2i = Stage(root, "t2i", {"data": data.key, "vae": vae.key, "seed": cfg.seed, "noise": noise,
+                              "text": cfg.t2i_text, "clip": clip.key if cfg.t2i_text == "frozen_clip" else None,
+                              "steps": cfg.t2i_steps, "batch": cfg.t2i_batch, "lr": cfg.t2i_lr,
+                              "layers": cfg.t2i_layers, "ema_decay": cfg.ema_decay, "cfg_dropout": cfg.cfg_dropout,
+                              "checkpoint_every": cfg.checkpoint_every})
+    return {"data": data, "vae": vae, "clip": clip, "t2i": t2i}
+
+
+def _export(src: Path, dst: Path, dtype: str) -> None:
+    """Copy a stage's model folder to ``dst`` with every ``.safetensors`` tensor stored as ``dtype``."""
+    from safetensors.torch import load_file, save_file
+
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dtype != "float32":
+            for f in tmp.rglob("*.safetensors"):
+                tensors = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+                           for k, v in load_file(f).items()}
+                save_file(tensors, f, metadata={"format": "pt"})
+
+
+def build(out_dir: str | os.PathLike, cfg: BuildConfig | None = None, work_dir: str | os.PathLike | None = None,
+          test_prompts: str | os.PathLike | None = None, *, max_seconds: float | None = None,
+          stop_after_steps: int | None = None, sweep: bool = False, threads: int | None = None) -> dict:
+    """Train every pocket model (cached under ``work_dir``, default :func:`default_cache`), export
+    ``clip/`` and ``t2i/`` into ``out_dir`` and return the calibration (also ``calibration.json``).
+
+    Raises :class:`BuildStopped` when ``max_seconds`` or ``stop_after_steps`` run out first; the same
+    call then resumes. ``sweep``: also measure the base over steps × CFG (minutes). ``threads``: torch
+    intra-op threads for the build (default: torch's current setting).
+    """
+    cfg = BuildConfig() if cfg is None else cfg
+    out = Path(out_dir)
+    root = Path(work_dir) if work_dir is not None else default_cache()
+    if (root / "build_config.json").exists():
+        raise ValueError(f"{root} holds a build of the older single-folder layout; pass another --work folder "
+                         "(or delete it)")
+    root.mkdir(parents=True, exist_ok=True)
+    budget = _Budget(max_seconds, stop_after_steps)
+    st = stages(cfg, root)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    timings = {}
+    t0 = time.time()
+    data = make_dataset(st["data"], cfg, budget)
+    timings["data"] = time.time() - t0
+    captions, caption_stats = training_captions(data, cfg)
+    t = time.time()
+    vae = train_vae(st["vae"], data, cfg, budget)
+    timings["vae"] = time.time() - t
+    tokenizer = pm.build_tokenizer()
+    clip_model = None
+
+    def clip_stage():
+        nonlocal clip_model
+        t = time.time()
+        clip_model, _ = train_clip(st["clip"], data, captions, cfg, budget)
+        timings["clip"] = time.time() - t
+
+    if cfg.t2i_text == "frozen_clip":
+        clip_stage()
+    t = time.time()
+    train_t2i(st["t2i"], data, captions, vae, clip_model, tokenizer, cfg, budget)
+    timings["t2i"] = time.time() - t
+    if clip_model is None:  # a jointly trained text tower needs no CLIP: the T2I model is ready first
+        clip_stage()
+    _export(st["clip"].out, out / "clip", cfg.save_dtype)
+    _export(st["t2i"].out, out / "t2i", cfg.save_dtype)
+    report = {
+        "config": cfg.to_dict(),
+        "stages": {k: s.dir.name for k, s in st.items()},
+        "seconds_this_run": {k: round(v, 1) for k, v in timings.items()},
+        "captions": caption_stats,
+        "clip_zero_shot": clip_zero_shot(clip_model, tokenizer),
+    }
+    if test_prompts is not None:
+        report.update(calibrate(out / "t2i", test_prompts, cfg, sweep=sweep, out_dir=out / "calibration"))
+    from ..io import atomic_write_json
+
+    atomic_write_json(out / "calibration.json", report)
+    return report
+
+
+def calibrate(t2i_dir: Path, test_prompts, cfg: BuildConfig, *, sweep: bool, out_dir: Path | None) -> dict:
+    """Gold accuracy at the default sampler (and over a steps × CFG grid with ``sweep``)."""
+    from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate_model, load_pocket_policy
+
+    policy = load_pocket_policy(t2i_dir)
+    report = {"default_sampler": {"num_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
+                                  "gold": evaluate_model(policy, test_prompts, seed=cfg.seed,
+                                                         limit_per_category=cfg.eval_per_category,
+                                                         out_dir=out_dir)["gold"]}}
+    if sweep:
+        grid = {}
+        for steps in (10, 20, 40):
+            for cfg_scale in (1.0, 1.5, 2.0, 3.0, 4.5, 6.0):
+                if steps != 20 and cfg_scale not in (1.5, 3.0):
+                    continue
+                r = evaluate_model(policy, test_prompts, seed=cfg.seed, num_steps=steps, guidance_scale=cfg_scale,
+                                   limit_per_category=cfg.eval_per_category)
+                grid[f"steps{steps}_cfg{cfg_scale}"] = r["gold"]["strict"]
+                _log(f"sweep steps {steps} cfg {cfg_scale}: strict {r['gold']['strict']['overall']:.3f}")
+        report["sweep_strict"] = grid
     return report

@@ -2,7 +2,7 @@
 
     flowalign pocket render "two red circles" --out file.png [--size 32] [--seed 0] [--scale 8]
     flowalign pocket eval [--model DIR] [--lora DIR] [--prompts FILE] [--steps 20] [--guidance 3] [--out DIR]
-    flowalign pocket build [--out DIR] [--seed 0] [--quick]
+    flowalign pocket build [--out DIR] [--preset base|oracle|legacy] [--captions clean|noisy] [--set K=V] [--quick]
 
 ``register(subparsers)`` adds the ``pocket`` command to the ``flowalign`` parser. ``python -m flowalign.pocket.cli ...``
 runs the same command without the rest of the CLI.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 
 from ..io import atomic_write_bytes
@@ -55,17 +56,42 @@ def _cmd_eval(ns) -> int:
 
 
 def _cmd_build(ns) -> int:
-    from .build import BuildConfig, build
+    from .build import BuildConfig, BuildStopped, build
     from .evaluate import format_report
 
-    cfg = BuildConfig.quick() if ns.quick else BuildConfig()
-    cfg.seed = ns.seed
-    report = build(ns.out, cfg, work_dir=ns.work, test_prompts=ns.prompts)
-    print(f"built in {report['build_seconds']} s into {ns.out}")
+    try:
+        cfg = BuildConfig.preset(ns.preset, quick=ns.quick)
+        overrides = [f"seed={ns.seed}"] + ([f"captions={ns.captions}"] if ns.captions else []) + list(ns.set)
+        cfg = cfg.with_overrides(overrides)
+        if ns.snapshot:
+            return _snapshot(ns, cfg)
+        report = build(ns.out, cfg, work_dir=ns.work, test_prompts=ns.prompts,
+                       max_seconds=None if ns.max_minutes is None else 60 * ns.max_minutes, sweep=ns.sweep,
+                       threads=ns.threads or os.cpu_count() or 1)
+    except ValueError as e:
+        print(f"flowalign pocket build: {e}", file=sys.stderr)
+        return 2
+    except BuildStopped as e:
+        print(f"flowalign pocket build: {e}; its state is saved, run the same command again to resume")
+        return 3
+    print(f"built into {ns.out} ({report['seconds_this_run']} s per stage in this run)")
     print("pocket CLIP zero-shot pick among hard negatives:",
           ", ".join(f"{k} {v:.3f}" for k, v in report["clip_zero_shot"].items()))
-    if "gold" in report:
-        print(format_report(report["gold"]))
+    if "default_sampler" in report:
+        print(format_report(report["default_sampler"]["gold"]))
+    return 0
+
+
+def _snapshot(ns, cfg) -> int:
+    from .build import snapshot
+    from .evaluate import format_report
+    from .sample import evaluate_model, load_pocket_policy
+
+    step = snapshot(ns.out, cfg, work_dir=ns.work)
+    report = evaluate_model(load_pocket_policy(f"{ns.out}/t2i"), ns.prompts, limit_per_category=16,
+                            out_dir=f"{ns.out}/snapshot_eval")
+    print(f"T2I snapshot at step {step} of {cfg.t2i_steps} in {ns.out}/t2i; 16 held-out prompts per category:")
+    print(format_report(report["gold"]))
     return 0
 
 
@@ -104,12 +130,28 @@ def register(subparsers) -> None:
 
     p_build = sub.add_parser("build", help="train the pocket models from scratch (deterministic for a seed) "
                                            "and print their calibration")
+    from .build import CAPTION_REGIMES, PRESETS
+
     p_build.add_argument("--out", default="pocket_models", help="output folder (clip/, t2i/, calibration.json)")
-    p_build.add_argument("--work", default=None, help="folder for the dataset and stage outputs (default OUT/_work); "
-                                                     "a killed build resumes from it")
+    p_build.add_argument("--preset", default="base", choices=PRESETS,
+                         help="base (alt-text-like captions, shipped), oracle (clean captions), legacy (the first "
+                              "world: frozen CLIP text conditioning)")
+    p_build.add_argument("--captions", default=None, choices=CAPTION_REGIMES,
+                         help="caption regime, overriding the preset's (clean = the oracle)")
+    p_build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a build setting, e.g. t2i_steps=3000 or noise.wrong_relation=0.3 (repeatable)")
+    p_build.add_argument("--work", default=None,
+                         help="stage cache (default ~/.cache/flowalign/pocket-build); a stopped build resumes from it")
     p_build.add_argument("--seed", type=int, default=0)
     p_build.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="held-out prompts for calibration")
     p_build.add_argument("--quick", action="store_true", help="a minutes-long smoke build (poor models)")
+    p_build.add_argument("--max-minutes", type=float, default=None,
+                         help="stop (saving a resumable checkpoint) after this many minutes; exit code 3")
+    p_build.add_argument("--sweep", action="store_true", help="also measure the model over steps x CFG")
+    p_build.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    p_build.add_argument("--snapshot", action="store_true",
+                         help="train nothing: export the T2I stage as it stands (last checkpoint, EMA weights) to "
+                              "OUT/t2i and score it on 16 prompts per category")
     p_build.set_defaults(func=_cmd_build)
 
 

@@ -1,0 +1,221 @@
+"""The pocket build: alt-text-like captions, keyed stage cache, resumable stages, clear errors."""
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flowalign.pocket.build import BASE_NOISE, BuildConfig, BuildStopped, Stage, build, snapshot, stages
+from flowalign.pocket.captions import CaptionNoise, captions_for, noisy_caption
+from flowalign.pocket.grammar import CATEGORIES, parse_prompt, spec_to_prompt
+from flowalign.pocket.prompts import sample_specs
+from flowalign.pocket.sample import load_pocket_policy, sample_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _specs(n=4000, seed=0):
+    return sample_specs(n, np.random.default_rng(seed), CATEGORIES, split="all")
+
+
+# ---------------------------------------------------------------------------------------------
+# captions
+
+
+def test_clean_captions_are_the_exact_prompts():
+    specs = _specs(300)
+    caps, stats = captions_for(specs, CaptionNoise(), seed=1)
+    assert caps == [spec_to_prompt(s) for s in specs] and stats["exact"] == 1.0
+
+
+@pytest.mark.parametrize("noise, prompt, want, kinds", [
+    (CaptionNoise(drop_relation=1.0), "a red circle to the left of a green square", "a red circle and a green square",
+     {"incomplete"}),
+    (CaptionNoise(wrong_relation=1.0), "a red circle to the left of a green square",
+     "a red circle to the right of a green square", {"wrong"}),
+    (CaptionNoise(wrong_relation=1.0), "a circle above a square", "a circle below a square", {"wrong"}),
+    (CaptionNoise(drop_count=1.0), "three red circles", "red circles", {"incomplete"}),
+    (CaptionNoise(drop_color=1.0), "a red square and a green circle", "a square and a circle", {"incomplete"}),
+    (CaptionNoise(swap_colors=1.0), "a red square and a green circle", "a green square and a red circle", {"wrong"}),
+    (CaptionNoise(swap_colors=1.0, drop_color=1.0), "a red square and a green circle", "a square and a circle",
+     {"wrong", "incomplete"}),
+    (CaptionNoise(wrong_count=1.0, wrong_relation=1.0, swap_colors=1.0), "a circle", "a circle", set()),
+])
+def test_each_corruption_does_what_it_says(noise, prompt, want, kinds):
+    assert noisy_caption(parse_prompt(prompt), noise, np.random.default_rng(0)) == (want, kinds)
+
+
+def test_wrong_counts_stay_off_by_one_within_the_grammar():
+    noise = CaptionNoise(wrong_count=1.0)
+    rng = np.random.default_rng(0)
+    seen = {}
+    for n in (2, 3, 4):
+        spec = parse_prompt(f"{ {2: 'two', 3: 'three', 4: 'four'}[n]} blue triangles")
+        seen[n] = {parse_prompt(noisy_caption(spec, noise, rng)[0]).objects[0].count for _ in range(200)}
+    assert seen == {2: {3}, 3: {2, 4}, 4: {3}}
+
+
+def test_wrong_color_of_a_lone_object_is_another_palette_color():
+    rng = np.random.default_rng(0)
+    got = {noisy_caption(parse_prompt("a red circle"), CaptionNoise(wrong_color=1.0), rng)[0] for _ in range(200)}
+    assert got == {"a green circle", "a blue circle", "a yellow circle"}
+
+
+def test_corruption_rates_match_the_config():
+    """Measured rates of each outcome over many position/counting captions equal the configured ones."""
+    noise = CaptionNoise(drop_relation=0.3, wrong_relation=0.2, drop_count=0.5, wrong_count=0.1)
+    rng = np.random.default_rng(3)
+    rel = [noisy_caption(parse_prompt("a circle to the left of a square"), noise, rng)[0] for _ in range(4000)]
+    assert abs(np.mean([c == "a circle and a square" for c in rel]) - 0.3) < 0.03
+    assert abs(np.mean([c == "a circle to the right of a square" for c in rel]) - 0.2) < 0.03
+    cnt = [noisy_caption(parse_prompt("three squares"), noise, rng)[0] for _ in range(4000)]
+    assert abs(np.mean([c == "squares" for c in cnt]) - 0.5) < 0.03
+    assert abs(np.mean([c in ("two squares", "four squares") for c in cnt]) - 0.1) < 0.02
+
+
+def test_base_captions_are_mostly_incomplete_rather_than_wrong_and_seeded():
+    specs = _specs()
+    caps, stats = captions_for(specs, BASE_NOISE, seed=5)
+    assert stats["incomplete"] > stats["wrong"] > 0.1 and stats["exact"] < 0.6
+    assert captions_for(specs, BASE_NOISE, seed=5)[0] == caps
+    assert captions_for(specs, BASE_NOISE, seed=6)[0] != caps
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"drop_count": 1.5}, "drop_count=1.5 is not a probability"),
+    ({"wrong_relation": -0.1}, "wrong_relation=-0.1 is not a probability"),
+    ({"drop_color": 0.7, "wrong_color": 0.4}, "drop_color \\+ wrong_color = 1.1 exceeds 1"),
+])
+def test_bad_rates_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CaptionNoise(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# config and cache
+
+
+def test_oracle_and_base_share_data_and_vae_but_not_the_caption_stages(tmp_path):
+    base, oracle = stages(BuildConfig.preset("base"), tmp_path), stages(BuildConfig.preset("oracle"), tmp_path)
+    assert base["data"].dir == oracle["data"].dir and base["vae"].dir == oracle["vae"].dir
+    assert base["clip"].dir != oracle["clip"].dir and base["t2i"].dir != oracle["t2i"].dir
+    legacy = stages(BuildConfig.preset("legacy"), tmp_path)
+    assert legacy["vae"].dir != base["vae"].dir and legacy["t2i"].settings["clip"] == legacy["clip"].key
+
+
+def test_bad_build_settings_get_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown caption regime 'dirty'; use one of clean, noisy"):
+        BuildConfig(captions="dirty")
+    with pytest.raises(ValueError, match="unknown pocket build preset"):
+        BuildConfig.preset("best")
+    with pytest.raises(ValueError, match="unknown build key 't2i_stepz'"):
+        BuildConfig().with_overrides(["t2i_stepz=3"])
+    with pytest.raises(ValueError, match="noise.drop_count=2.0 is not a probability|drop_count=2.0 is not a prob"):
+        BuildConfig().with_overrides(["noise.drop_count=2"])
+    assert BuildConfig().with_overrides(["noise.drop_count=0.1", "t2i_steps=7"]).noise.drop_count == 0.1
+    # a stage folder whose record says it was made with other settings
+    st = Stage(tmp_path, "vae", {"steps": 1})
+    (st.dir / "stage.json").write_text('{"steps": 2}')
+    with pytest.raises(ValueError, match="made with other settings \\(differs in steps\\); delete it or pass another"):
+        Stage(tmp_path, "vae", {"steps": 1})
+    # the first world's single-folder layout
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "build_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="older single-folder layout; pass another --work"):
+        build(tmp_path / "out", BuildConfig.quick(), work_dir=old)
+    with pytest.raises(ValueError, match="has no checkpoint yet"):
+        snapshot(tmp_path / "snap", BuildConfig.quick(), work_dir=tmp_path / "empty")
+
+
+def test_build_cli_refuses_bad_input_in_one_line(tmp_path):
+    for args, match in [(["--captions", "dirty"], "invalid choice: 'dirty'"),
+                        (["--set", "noise.wrong_relation=0.9", "--set", "noise.drop_relation=0.5"], "exceeds 1"),
+                        (["--set", "nonsense=1"], "unknown build key 'nonsense'")]:
+        r = subprocess.run([sys.executable, "-m", "flowalign.cli", "pocket", "build", "--quick", "--out",
+                            str(tmp_path / "o"), "--work", str(tmp_path / "w"), *args], capture_output=True, text=True)
+        assert r.returncode == 2 and match in r.stderr, r.stderr[-1500:]
+        assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable, deterministic builds
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return {str(f.relative_to(out)): load_file(f) for f in sorted(out.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One uninterrupted quick build (the reference for the resume tests)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    report = build(tmp / "out", BuildConfig.quick(), work_dir=tmp / "cache")
+    return {"out": tmp / "out", "cache": tmp / "cache", "report": report}
+
+
+def _assert_same_weights(a_dir, b_dir):
+    a, b = _weights(a_dir), _weights(b_dir)
+    assert a.keys() == b.keys() and len(a) >= 5
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
+def test_a_stopped_build_resumes_to_the_same_weights(tmp_path, whole):
+    """Stopped inside the VAE stage, then inside the T2I stage (off a checkpoint boundary), then run to
+    the end: the exported weights equal an uninterrupted build's, bit for bit. (A stop saves a checkpoint
+    where it stops; a kill resumes from the last periodic one: see the SIGKILL test.)"""
+    cfg = BuildConfig.quick()
+    stops = []
+    for budget in (13, 20, None):
+        try:
+            build(tmp_path / "parts", cfg, work_dir=tmp_path / "cache_parts", stop_after_steps=budget)
+        except BuildStopped as e:
+            stops.append(str(e))
+        if len(stops) == 2 and budget == 20:  # a snapshot of the T2I stage part-way loads and samples
+            assert snapshot(tmp_path / "snap", cfg, work_dir=tmp_path / "cache_parts") == 12
+            img = sample_images(load_pocket_policy(tmp_path / "snap" / "t2i"), ["a red circle"], num_steps=2)
+            assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+    assert stops == ["stopped in stage vae at step 12", "stopped in stage t2i at step 12"], stops
+    _assert_same_weights(whole["out"], tmp_path / "parts")
+    report = whole["report"]
+    assert report["config"]["captions"] == "noisy" and 0 < report["captions"]["wrong"] < report["captions"]["incomplete"]
+    # exported in the storage dtype
+    t = next(iter(_weights(whole["out"])["t2i/transformer/diffusion_pytorch_model.safetensors"].values()))
+    assert t.dtype == torch.float16
+    assert not any((tmp_path / "cache_parts").rglob("checkpoint.pt")), "finished stages keep no checkpoint"
+
+
+def test_oracle_quick_build_reuses_the_base_data_and_vae(tmp_path, whole):
+    cache = whole["cache"]
+    before = {p.name for p in cache.iterdir()}
+    oracle = dataclasses.replace(BuildConfig.quick(), captions="clean")
+    report = build(tmp_path / "oracle", oracle, work_dir=cache, stop_after_steps=10**6)
+    added = {p.name for p in cache.iterdir()} - before
+    assert sorted(n.split("-")[0] for n in added) == ["clip", "t2i"]
+    assert report["captions"]["exact"] == 1.0
+
+
+def test_a_killed_build_resumes_to_the_same_weights(tmp_path, whole):
+    """SIGKILL a quick build part-way (wherever it happens to be), then run it again to the end."""
+    import signal
+    import time
+
+    cfg = BuildConfig.quick()
+    code = ("import sys, torch; torch.set_num_threads(1); from flowalign.pocket.build import BuildConfig, build; "
+            f"build({str(tmp_path / 'killed')!r}, BuildConfig.quick(), work_dir={str(tmp_path / 'cache_killed')!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((tmp_path / "cache_killed").glob("vae-*/checkpoint.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any((tmp_path / "cache_killed").glob("vae-*/checkpoint.pt")), "the build never reached a checkpoint"
+    build(tmp_path / "killed", cfg, work_dir=tmp_path / "cache_killed")
+    _assert_same_weights(whole["out"], tmp_path / "killed")
