@@ -39,24 +39,16 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="held-out prompts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="pocket model folder (default: the shipped one)")
     ns = ap.parse_args(argv)
     torch.set_num_threads(ns.threads)
 
-    from flowalign.models.base import Cond
     from flowalign.pocket.prompts import load_prompt_file
-    from flowalign.pocket.render import render_batch
     from flowalign.pocket.sample import evaluate_model, load_pocket_policy
 
-    policy = load_pocket_policy(train_mode=ns.train_mode, lora_rank=32, lora_alpha=64)
+    policy = load_pocket_policy(ns.model, train_mode=ns.train_mode, lora_rank=32, lora_alpha=64)
     prompts = [r["prompt"] for r in load_prompt_file("prompts/pocket/train.jsonl")] * ns.copies
-    images, _ = render_batch(prompts, seed=ns.seed + 7)
-    vae = policy.vae
-    with torch.no_grad():
-        x = torch.from_numpy(images) * 2 - 1
-        latents = torch.cat([
-            (vae.encode(x[i:i + 512]).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-            for i in range(0, len(x), 512)])
-    cond = policy.encode(prompts)
+    latents, cond = encode_renders(policy, prompts, prompts, seed=ns.seed + 7)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=ns.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(ns.seed)
 
@@ -71,27 +63,52 @@ def main(argv=None) -> int:
     for k in range(1, ns.evals + 1):
         t0 = time.perf_counter()
         while trained + (time.perf_counter() - t0) < budget * k / ns.evals:
-            idx = torch.randint(len(latents), (B,), generator=g)
-            x0, c = latents[idx], cond[idx]
-            drop = torch.rand(B, generator=g) < 0.1
-            c = Cond(torch.where(drop[:, None, None], c.neg_embeds, c.embeds),
-                     torch.where(drop[:, None], c.neg_pooled, c.pooled))
-            t = torch.sigmoid(torch.randn(B, generator=g))
-            eps = torch.randn(x0.shape, generator=g)
-            tb = t[:, None, None, None]
-            v = policy.velocity((1 - tb) * x0 + tb * eps, t, c, 1.0)
-            loss = ((v - (eps - x0)) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = flow_matching_step(policy, opt, latents, cond, B, g)
             step += 1
         trained += time.perf_counter() - t0
         curve.append({"minutes": round(trained / 60, 2), "steps": step, "loss": round(loss.item(), 4),
                       "strict": held_out()})
         print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"train_mode": ns.train_mode, "lr": ns.lr, "batch": B, "threads": ns.threads,
+    print(json.dumps({"model": ns.model, "train_mode": ns.train_mode, "lr": ns.lr, "batch": B, "threads": ns.threads,
                       "training_images": len(prompts), "curve": curve}, indent=1))
     return 0
+
+
+def encode_renders(policy, captions: list[str], scenes: list[str], seed: int):
+    """Render ``scenes[i]`` (prompt text), encode it with the model's VAE, and condition it on
+    ``captions[i]`` → (latents [N, C, h, w], Cond with N rows)."""
+    from flowalign.pocket.render import render_batch
+
+    images, _ = render_batch(scenes, seed=seed)
+    vae = policy.vae
+    with torch.no_grad():
+        x = torch.from_numpy(images) * 2 - 1
+        latents = torch.cat([
+            (vae.encode(x[i:i + 512]).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+            for i in range(0, len(x), 512)])
+        cond = policy.encode(captions)
+    return latents, cond
+
+
+def flow_matching_step(policy, opt, latents, cond, batch: int, g: torch.Generator) -> torch.Tensor:
+    """One optimizer step of the loss the pocket model was built with (logit-normal t, 10% CFG
+    dropout) on ``batch`` random rows of (latents, cond) → the loss."""
+    from flowalign.models.base import Cond
+
+    idx = torch.randint(len(latents), (batch,), generator=g)
+    x0, c = latents[idx], cond[idx]
+    drop = torch.rand(batch, generator=g) < 0.1
+    c = Cond(torch.where(drop[:, None, None], c.neg_embeds, c.embeds),
+             torch.where(drop[:, None], c.neg_pooled, c.pooled))
+    t = torch.sigmoid(torch.randn(batch, generator=g))
+    eps = torch.randn(x0.shape, generator=g)
+    tb = t[:, None, None, None]
+    v = policy.velocity((1 - tb) * x0 + tb * eps, t, c, 1.0)
+    loss = ((v - (eps - x0)) ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
 
 
 if __name__ == "__main__":
