@@ -33,13 +33,38 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated (each over all its trained timesteps) "
                                              "per optimizer step", min=1)
     objective: str = _f("grpo", "policy objective: grpo (PPO-clipped policy gradient on the SDE transitions' "
-                                "log-probs: Flow-GRPO, DanceGRPO, ...) or nft (DiffusionNFT, Zheng et al. 2025: "
+                                "log-probs: Flow-GRPO, DanceGRPO, ...), nft (DiffusionNFT, Zheng et al. 2025: "
                                 "flow matching on the final images towards an implicit positive policy and "
-                                "away from a negative one; no log-probs, any sampler)", choices=tuple(OBJECTIVES))
+                                "away from a negative one; no log-probs, any sampler), prdp (PRDP, Deng et al. "
+                                "2024: regression of pairs' predicted reward differences onto observed ones) or "
+                                "dragon (DRAGON, Bai et al. 2025: Diffusion-DPO/KTO towards positive "
+                                "demonstrations of the iteration, away from negative ones)", choices=tuple(OBJECTIVES))
     nft_beta: float = _f(1.0, "DiffusionNFT's beta: v+ = (1-beta)·v_old + beta·v, v- = (1+beta)·v_old - beta·v",
                          gt=0)
     nft_timesteps: int = _f(2, "nft: forward-process noise levels drawn per image and update (from the "
                                "sampler's sigmas)", min=1)
+    prdp_beta: float = _f(10.0, "prdp: KL strength β of the optimum π_ref·exp(r/β), for element-averaged "
+                                "log-probs (= β_paper·D for D latent elements)", gt=0)
+    prdp_clip_range: float = _f(1e-3, "prdp: proximal clip ε of each step's log π_θ/π_old, element-averaged "
+                                      "(= ε_paper/D; 0 = no clipping, plain RDP)", min=0)
+    prdp_reference: str = _f("pretrained", "prdp: π_ref of r̂ = Σ log π_θ/π_ref: pretrained (the base, LoRA "
+                                           "off; the paper's KL anchor) or old (the sampling policy: "
+                                           "KL to the previous iterate, no anchor)", choices=("pretrained", "old"))
+    prdp_pairs_per_group: int = _f(0, "prdp: pairs drawn per prompt group and micro-batch (0 = all "
+                                      "G(G-1)/2, as the paper)", min=0)
+    dragon_loss: str = _f("dpo", "dragon: surrogate loss, dpo (Diffusion-DPO on pairs of a group) or kto "
+                                 "(Diffusion-KTO on unpaired positives / negatives)", choices=("dpo", "kto"))
+    dragon_beta: float = _f(1000.0, "dragon: β of the DPO/KTO implicit reward -β·(‖v_θ-u‖² - ‖v_ref-u‖²), "
+                                    "element-averaged velocity errors", gt=0)
+    dragon_pairs: str = _f("best_worst", "dragon dpo: pairs per group, best_worst (its highest vs lowest "
+                                         "score) or all (every pair with distinct scores)",
+                           choices=("best_worst", "all"))
+    dragon_fraction: float = _f(0.25, "dragon kto: top / bottom fraction of each group that is desirable / "
+                                      "undesirable", gt=0, max=0.5)
+    dragon_timesteps: int = _f(2, "dragon: noise levels per demonstration and update, drawn from the "
+                                  "sampler's sigmas (shared within a group)", min=1)
+    kto_reference_point: str = _f("batch", "dragon kto: the reference point z0, batch (KTO's max(0, mean "
+                                           "implicit reward), detached) or a number, e.g. '0'")
     lr: float = _f(3e-4, "AdamW learning rate", gt=0)
     weight_decay: float = _f(1e-4, "AdamW weight decay", min=0)
     adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
@@ -120,6 +145,7 @@ def validate_config(cfg: Config) -> None:
             "train.objective=nft learns from final images only, so TempFlow branching (one advantage per branch "
             "step) has nothing to attach to; use sampling.plan=window or full with nft"
         )
+    _validate_objective(cfg)
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas={t.adam_betas} must be two values in [0, 1)")
     if cfg.model.train_mode == "none":
@@ -150,6 +176,40 @@ def validate_config(cfg: Config) -> None:
 
 
 
+def _validate_objective(cfg: Config) -> None:
+    """The combinations the prdp and dragon objectives refuse (before anything is loaded)."""
+    s, t = cfg.sampling, cfg.train
+    objective = OBJECTIVES[t.objective]
+    if objective.batch_unit == "group":
+        if t.group_size < 2:
+            raise ConfigError(f"train.objective={t.objective} compares images of the same prompt; "
+                              f"train.group_size={t.group_size} gives no pairs, use 2 or more")
+        if t.micro_batch_size % t.group_size:
+            raise ConfigError(
+                f"train.objective={t.objective} trains whole prompt groups per micro-batch: train.micro_batch_size="
+                f"{t.micro_batch_size} must be a multiple of train.group_size={t.group_size}"
+            )
+        if s.plan == "branching":
+            raise ConfigError(f"train.objective={t.objective} compares whole trajectories of a prompt; TempFlow "
+                              f"branching units are single steps; use sampling.plan=window or full")
+        if t.kl_beta > 0:
+            raise ConfigError(
+                f"train.objective={t.objective} has its own reference term ({'prdp_beta, prdp_reference' if t.objective == 'prdp' else 'dragon_beta'}); "
+                f"train.kl_beta={t.kl_beta} would add a second one: set train.kl_beta=0"
+            )
+    needs_reference = t.objective == "dragon" or (t.objective == "prdp" and t.prdp_reference == "pretrained")
+    if needs_reference and cfg.model.train_mode == "full":
+        raise ConfigError(f"train.objective={t.objective} compares the policy with a frozen reference (the base "
+                          f"with LoRA off), which model.train_mode=full changes; use lora"
+                          + (" or train.prdp_reference=old" if t.objective == "prdp" else ""))
+    if t.kto_reference_point != "batch":
+        try:
+            float(t.kto_reference_point)
+        except ValueError:
+            raise ConfigError(f"train.kto_reference_point={t.kto_reference_point!r} must be 'batch' or a number, "
+                              f"e.g. '0'") from None
+
+
 @dataclass(frozen=True)
 class Sizes:
     """How much an iteration handles, derived once from the config (per iteration unless named
@@ -170,6 +230,8 @@ class Sizes:
     trained_columns_per_unit: int  # columns visited per unit and inner epoch
     column_name: str  # "steps" or "noise levels"
     micro_batch_size: int  # units per micro-step, per process
+    groups_per_micro_batch: int  # objectives comparing units of a group (prdp, dragon): whole groups per
+    # micro-step, micro_batch_size / group_size; 0 for the others (units in any order)
     accumulation_steps: int  # micro-batches per optimizer step
     micro_batches_per_epoch: int  # nominal (masked groups make it smaller)
     optimizer_steps: int  # nominal, over all inner epochs
@@ -187,6 +249,12 @@ class Sizes:
                 f"{processes} processes; make it a multiple of {processes}"
             )
         objective = OBJECTIVES[t.objective]
+        grouped = objective.batch_unit == "group"
+        if grouped and t.prompts_per_iteration % processes:
+            raise ConfigError(
+                f"train.objective={t.objective} trains whole prompt groups on one process: "
+                f"train.prompts_per_iteration={t.prompts_per_iteration} must be a multiple of the {processes} processes"
+            )
         columns = objective.columns_per_unit(t, recorded_steps_per_unit)
         units_per_process = images * units_per_image // processes
         micro = math.ceil(units_per_process / t.micro_batch_size)
@@ -195,7 +263,9 @@ class Sizes:
                    units=images * units_per_image, units_per_process=units_per_process,
                    recorded_steps_per_unit=recorded_steps_per_unit, columns_per_unit=columns,
                    trained_columns_per_unit=objective.trained_columns(t, columns), column_name=objective.column_name,
-                   micro_batch_size=t.micro_batch_size, accumulation_steps=t.gradient_accumulation_steps,
+                   micro_batch_size=t.micro_batch_size,
+                   groups_per_micro_batch=t.micro_batch_size // t.group_size if grouped else 0,
+                   accumulation_steps=t.gradient_accumulation_steps,
                    micro_batches_per_epoch=micro,
                    optimizer_steps=t.num_inner_epochs * math.ceil(micro / t.gradient_accumulation_steps),
                    iterations=t.num_iterations)
@@ -214,6 +284,7 @@ class Sizes:
             "recorded_steps_per_unit": self.recorded_steps_per_unit,
             "trained_steps_per_unit": self.trained_columns_per_unit,
             "micro_batches_per_epoch": self.micro_batches_per_epoch,
+            **({"groups_per_micro_batch": self.groups_per_micro_batch} if self.groups_per_micro_batch else {}),
             "optimizer_steps_per_iteration": self.optimizer_steps,
             "effective_batch": f"{self.micro_batch_size * self.accumulation_steps * self.processes} samples × "
                                f"{self.trained_columns_per_unit} {self.column_name} per optimizer step",

@@ -14,8 +14,10 @@ One iteration (``GRPOTrainer.train_iteration``), top-down:
    (``advantages.multi_reward_advantages``) use whole groups; each process keeps its slice.
 4. ``update``: per inner epoch, the units of flat groups are left out (masked), the rest visited in
    micro-batches × trained columns; each micro-step back-propagates the objective's loss
-   (``objectives``: PPO-clip + KL, or NFT), an optimizer step every ``gradient_accumulation_steps``
-   micro-batches, then the EMA.
+   (``objectives``: PPO-clip + KL, NFT, PRDP or DRAGON), an optimizer step every
+   ``gradient_accumulation_steps`` micro-batches, then the EMA. An objective that compares the units
+   of a group (``batch_unit = "group"``: PRDP, DRAGON) gets micro-batches of whole groups, all of them
+   (flat ones too), shuffled group by group, with one column order per group.
 5. (``train``) evaluation every ``eval.every`` iterations, metrics, checkpoints; the final export.
 
 Where the rest lives: ``grpo/config.py`` (the train/eval sections, ``Sizes``), ``grpo/objectives.py``
@@ -96,9 +98,6 @@ class GRPOTrainer:
         self.sizes = self._sizes()
         self.state = self._build_state()
         self.objective = OBJECTIVES[t.objective](t, self.policy, self.sde, s.guidance_scale)
-        if self.objective.batch_unit != "unit":
-            raise ConfigError(f"train.objective={t.objective} needs micro-batches of whole groups, which the "
-                              "update does not build yet (grpo/objectives.py, batch_unit)")
         self.evaluator = None
         if self.eval_prompts is not None and eval_reward is not None:
             self.evaluator = Evaluator(self.eval_prompts, eval_reward, cfg.eval, s, self.latent_shape,
@@ -285,10 +284,13 @@ class GRPOTrainer:
     def update(self, batch: RolloutBatch, iteration: int) -> dict:
         """The objective on the unmasked units: per inner epoch, micro-batches × trained columns."""
         t = self.cfg.train
-        self.objective.prepare(batch, self._gen(iteration, Stream.OBJECTIVE, self.rank))
+        prepared = self.objective.prepare(batch, self._gen(iteration, Stream.OBJECTIVE, self.rank)) or {}
         T = self.objective.columns_per_unit(t, batch.log_probs.shape[1])  # columns per unit
         T_train = self.objective.trained_columns(t, T)  # visited per unit and epoch
-        idx = torch.nonzero(~batch.masked).flatten()  # units of groups with a signal
+        # whole groups (every one: the objective weighs flat groups itself), or the units of groups with a signal
+        grouped = self.objective.batch_unit == "group"
+        G = self.sizes.group_size if grouped else 1  # units kept together, contiguous in the batch
+        idx = torch.arange(len(batch.prompts)) if grouped else torch.nonzero(~batch.masked).flatten()
         # every process must run the same number of backward passes (DDP): pad with weight-0 rows
         n_train = int(self._gather(torch.tensor([len(idx)], device=self.device)).cpu().max())
         if n_train == 0:
@@ -299,14 +301,16 @@ class GRPOTrainer:
         steps = 0
         for epoch in range(t.num_inner_epochs):
             g = self._gen(iteration, Stream.SHUFFLE, epoch, self.rank)
-            order, live = _shuffled(idx, n_train, g)  # [n_train] unit per row; live False: padding
-            cols = _columns(len(batch.prompts), T, T_train, t.shuffle_timesteps, g)  # [n, T_train]
+            # [n_train] unit per row (whole groups in a row when grouped); live False: padding
+            order, live = _shuffled(idx, n_train, g, per=G)
+            cols = _columns(len(batch.prompts), T, T_train, t.shuffle_timesteps, g, per=G)  # [n, T_train]
             # one optimizer step per `accumulate` micro-batches (written out rather than accelerate's
             # accumulate(): a step averages over its own micro-batches × columns, the last one over fewer)
             for first in range(0, n_micro, accumulate):
                 group = range(first, min(first + accumulate, n_micro))
                 for m in group:
                     rows, alive = order[m * mb:(m + 1) * mb], live[m * mb:(m + 1) * mb]
+                    self.objective.begin(MicroBatch(batch, rows, cols[rows, 0], alive, self.device))
                     for j in range(T_train):
                         # gradients are all-reduced across processes once per step, at its last backward
                         with self._grad_sync(m == group[-1] and j == T_train - 1):
@@ -319,7 +323,8 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.ema_update()
                 steps += 1
-        return {**{f"train/{k}": _mean(v) for k, v in stats.items()}, "train/optimizer_steps": steps}
+        return {**{f"train/{k}": v for k, v in prepared.items()}, **{f"train/{k}": _mean(v) for k, v in stats.items()},
+                "train/optimizer_steps": steps}
 
     def _micro_step(self, batch: RolloutBatch, rows, cols, alive, scale: float) -> dict:
         """The objective's loss on units ``rows`` at columns ``cols``, averaged over the rows (padding rows
@@ -340,16 +345,23 @@ class GRPOTrainer:
         ``iteration``) over ``rows`` of a scored batch (default: every unmasked unit), all recorded steps
         (noise levels), flattened over the trainable parameters; nothing is stepped and the parameters'
         ``.grad`` is left empty. For diagnostics: the cosine between the gradients of independent
-        batches measures how much of an update is signal (``benchmarks/grpo_gradient_snr.py``)."""
+        batches measures how much of an update is signal (``benchmarks/grpo_gradient_snr.py``). For an
+        objective that compares units of a group (prdp, dragon), ``rows`` must be whole groups in batch
+        order (default: every unit)."""
         if batch.advantages is None:
             raise ValueError("score(batch) first: the gradient needs the advantages")
         t = self.cfg.train
-        rows = torch.nonzero(~batch.masked).flatten() if rows is None else torch.as_tensor(rows)
+        grouped = self.objective.batch_unit == "group"
+        if rows is None:
+            rows = torch.arange(len(batch.prompts)) if grouped else torch.nonzero(~batch.masked).flatten()
+        rows = torch.as_tensor(rows)
         self.objective.prepare(batch, self._gen(iteration, Stream.OBJECTIVE, self.rank))
         T = self.objective.columns_per_unit(t, batch.log_probs.shape[1])
         self.optimizer.zero_grad(set_to_none=True)
         for a in range(0, len(rows), t.micro_batch_size):
             chunk = rows[a:a + t.micro_batch_size]
+            self.objective.begin(MicroBatch(batch, chunk, torch.zeros(len(chunk), dtype=torch.long),
+                                            torch.ones(len(chunk), dtype=torch.bool), self.device))
             for j in range(T):
                 self._micro_step(batch, chunk, torch.full((len(chunk),), j), torch.ones(len(chunk), dtype=torch.bool),
                                  scale=len(chunk) / (T * max(1, len(rows))))
@@ -444,23 +456,25 @@ class GRPOTrainer:
                     file=sys.stderr)
 
 
-def _shuffled(idx: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``idx`` in a random order, padded to ``n`` rows by repeating its first unit → (units [n], live [n]:
-    False for padding rows)."""
-    order = idx[torch.randperm(len(idx), generator=g)]
+def _shuffled(idx: torch.Tensor, n: int, g: torch.Generator, per: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``idx`` in a random order of its consecutive blocks of ``per`` units (whole groups; 1: single units),
+    padded to ``n`` rows by repeating its first block → (units [n], live [n]: False for padding rows)."""
+    blocks = idx.reshape(-1, per)
+    order = blocks[torch.randperm(len(blocks), generator=g)].flatten()
     live = torch.ones(n, dtype=torch.bool)
     if len(order) < n:
         live[len(order):] = False
-        filler = order[:1] if len(order) else torch.zeros(1, dtype=torch.long)
-        order = torch.cat([order, filler.repeat(n - len(order))])
+        filler = order[:per] if len(order) else torch.zeros(per, dtype=torch.long)
+        order = torch.cat([order, filler.repeat((n - len(order)) // per)])
     return order, live
 
 
-def _columns(n: int, T: int, T_train: int, shuffle: bool, g: torch.Generator) -> torch.Tensor:
+def _columns(n: int, T: int, T_train: int, shuffle: bool, g: torch.Generator, per: int = 1) -> torch.Tensor:
     """The columns each of ``n`` units trains this epoch → [n, T_train]: a random subset in random order
-    per unit, or the first ``T_train``."""
+    per block of ``per`` consecutive units (a prompt group when grouped), or the first ``T_train``."""
     if shuffle:
-        return torch.stack([torch.randperm(T, generator=g) for _ in range(n)])[:, :T_train]
+        perms = torch.stack([torch.randperm(T, generator=g) for _ in range(n // per)])[:, :T_train]
+        return perms.repeat_interleave(per, dim=0)
     return torch.arange(T)[:T_train].expand(n, T_train)
 
 
