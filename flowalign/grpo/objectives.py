@@ -192,8 +192,11 @@ class PPOClip(Objective):
         a = mb.alive
         with torch.no_grad():
             live = bool(a.any())
+            # approx_kl per element, like kl: ½·(mean log-ratio)² is the KL over D² (D latent elements), not D,
+            # so unscaled it read ~1e-7 (0.0000) while the policy moved ~0.02 nats per transition
+            D = x[0].numel()
             metrics = {"policy_loss": mb.live_mean(pg), "kl": mb.live_mean(kl),
-                       "approx_kl": float(approx_kl(res.log_prob[a], mb.old_log_probs[a])) if live else 0.0,
+                       "approx_kl": D * float(approx_kl(res.log_prob[a], mb.old_log_probs[a])) if live else 0.0,
                        "clipfrac": float(clip_fraction(ratio[a], t.clip_range)) if live else 0.0,
                        "ratio_mean": mb.live_mean(ratio, empty=1.0)}
         return mb.weights * loss_B, metrics
