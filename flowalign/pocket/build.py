@@ -529,18 +529,27 @@ def _text_encoder_from_clip(clip_model):
     return te.eval()
 
 
-def _latents(vae, images: np.ndarray) -> torch.Tensor:
+def dataset_latents(vae_stage: Stage, vae, images: np.ndarray) -> torch.Tensor:
+    """The training images' scaled latents (posterior means), computed once per VAE stage and kept in
+    its folder (a T2I stage that resumes, and every T2I stage on that VAE, reads them back)."""
+    path = vae_stage.dir / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
     vae.eval()
     with torch.no_grad():
         lat = []
         for i in range(0, len(images), 512):
             x = _to_unit(images[i:i + 512]) * 2 - 1
             lat.append((vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor)
-    return torch.cat(lat)
+    latents = torch.cat(lat)
+    tmp = path.with_name("latents.pt.tmp")
+    torch.save(latents, tmp)
+    os.replace(tmp, path)
+    return latents
 
 
-def train_t2i(stage: Stage, data: dict, captions: list[str], vae, clip_model, tokenizer, cfg: BuildConfig,
-              budget: _Budget):
+def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], vae, clip_model, tokenizer,
+              cfg: BuildConfig, budget: _Budget):
     """The rectified-flow T2I model; ``clip_model`` is used only with ``t2i_text == "frozen_clip"``."""
     if stage.done:
         return load_pipeline(stage.out)
@@ -552,7 +561,7 @@ def train_t2i(stage: Stage, data: dict, captions: list[str], vae, clip_model, to
     ids = _tokens(tokenizer, distinct)
     prompt_idx = torch.tensor([pos[p] for p in captions])
     empty = pos[""]
-    latents = _latents(vae, data["images"])
+    latents = dataset_latents(vae_stage, vae, data["images"])
     _log(f"t2i: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct captions "
          f"({'text tower trained jointly' if joint else 'frozen CLIP text tower'})")
     dev = _device()
@@ -745,7 +754,7 @@ def build(out_dir: str | os.PathLike, cfg: BuildConfig | None = None, work_dir: 
     if cfg.t2i_text == "frozen_clip":
         clip_stage()
     t = time.time()
-    train_t2i(st["t2i"], data, captions, vae, clip_model, tokenizer, cfg, budget)
+    train_t2i(st["t2i"], st["vae"], data, captions, vae, clip_model, tokenizer, cfg, budget)
     timings["t2i"] = time.time() - t
     if clip_model is None:  # a jointly trained text tower needs no CLIP: the T2I model is ready first
         clip_stage()
