@@ -168,12 +168,15 @@ def test_bad_exemplar_sets_fail_when_the_trainer_is_built(tmp_path, tiny_clip_di
 # ------------------------------------------------------------------ DRAGON with a distributional reward
 @pytest.mark.slow
 def test_dragon_lowers_the_fd_to_blue_exemplars(tmp_path):
-    """The pocket model trained by DRAGON on ``exemplar_fd`` (pocket CLIP features of 48 renders where every
-    object is blue): the Fréchet distance of ODE samples from held-out prompts and noise to the exemplars
-    falls; the gold accuracy of the same samples (counts, shapes, positions: properties the reward does not
-    ask for) is reported alongside."""
+    """The pocket model trained by DRAGON (dpo, β = 100) on ``exemplar_fd``: pocket CLIP features of 48
+    renders where every object is blue. On ODE samples from held-out prompts and noise, the Fréchet distance
+    to the exemplars falls and more of the detected objects are blue; the strict gold accuracy of the same
+    samples (the prompts' counts, shapes, colors and positions, which this reward ignores) is reported.
+    Measured (8 iterations of 32 images, one contended core, ~90 s): FD 0.567 → 0.472, blue objects
+    19.5% → 30.3%, gold strict 0.646 → 0.333 (the reward pulls every image towards the exemplars, whatever
+    its prompt asks for); with β = 1000 the FD fell only to 0.545 in the same budget."""
     from flowalign.pocket.assets import CLIP_DIR
-    from flowalign.pocket.evaluate import PocketGold
+    from flowalign.pocket.evaluate import PocketGold, detect_objects
     from flowalign.pocket.render import render_batch, to_pil
     from flowalign.rewards import build_reward
 
@@ -187,8 +190,8 @@ def test_dragon_lowers_the_fd_to_blue_exemplars(tmp_path):
     for i, im in enumerate(images):
         to_pil(im).save(folder / f"{i:03d}.png")
     args = {"encoder": "pocket_clip", "exemplar_images": str(folder)}
-    train = {"group_size": 8, "prompts_per_iteration": 4, "micro_batch_size": 8, "num_iterations": 10,
-             "objective": "dragon", "kl_beta": 0.0, "lr": 1e-3}
+    train = {"group_size": 8, "prompts_per_iteration": 4, "micro_batch_size": 8, "num_iterations": 8,
+             "objective": "dragon", "dragon_beta": 100.0, "kl_beta": 0.0, "lr": 1e-3}
     data = pocket_config(tmp_path, sampling={"num_steps": 8}, train=train, eval={"prompts": None},
                          rewards=[{"name": "exemplar_fd", "args": args}])
     trainer = GRPOTrainer(load(tmp_path, data), log=lambda *a: None)
@@ -200,11 +203,15 @@ def test_dragon_lowers_the_fd_to_blue_exemplars(tmp_path):
     def measure():
         with trainer.local_denoiser() as policy, torch.no_grad():
             x = policy.generate(noise, policy.encode(held_out), num_steps=8, guidance_scale=1.5, checkpoint=False)
-        return fd_reward.fd(fd_reward.features(x)), float(gold(x, held_out)[0].mean())
+        objects = [o for row in detect_objects(x) for o in row]
+        blue_frac = sum(o.color == "blue" for o in objects) / max(1, len(objects))
+        return fd_reward.fd(fd_reward.features(x)), blue_frac, float(gold(x, held_out)[0].mean())
 
-    fd_before, gold_before = measure()
-    rows = [trainer.train_iteration(it) for it in range(train["num_iterations"])]
-    fd_after, gold_after = measure()
-    print(f"FD to blue exemplars {fd_before:.4f} -> {fd_after:.4f}; held-out strict gold {gold_before:.3f} -> "
-          f"{gold_after:.3f}; training-batch FD {[round(r['reward/total/mean'], 5) for r in rows]}")
+    fd_before, blue_before, gold_before = measure()
+    for it in range(train["num_iterations"]):
+        trainer.train_iteration(it)
+    fd_after, blue_after, gold_after = measure()
+    print(f"FD to blue exemplars {fd_before:.4f} -> {fd_after:.4f}; blue objects {blue_before:.3f} -> {blue_after:.3f}; "
+          f"held-out strict gold {gold_before:.3f} -> {gold_after:.3f}")
     assert fd_after < 0.9 * fd_before, (fd_before, fd_after)
+    assert blue_after > blue_before + 0.05, (blue_before, blue_after)
