@@ -111,6 +111,8 @@ class SamplingConfig:
     branch_steps: list[int] = _f([1, 3, 5], "branching: steps where K SDE branches start from the ODE trunk")
     num_branches: int = _f(4, "branching: branches K per branch step", min=1)
     share_group_noise: bool = _f(False, "all images of a prompt's group start from the same noise")
+    antithetic_noise: bool = _f(False, "images 2j and 2j+1 of a group draw opposite SDE noise (ε, −ε) at every SDE "
+                                       "step (antithetic pairs); needs an even group size, no branching")
     eval_num_steps: int = _f(40, "denoising steps of evaluation sampling (ODE)", min=1)
     batch_size: int = _f(0, "images per rollout forward, per process (0 = all of the process's images at once)",
                          min=0)
@@ -311,6 +313,9 @@ def validate_sampling(s: SamplingConfig) -> None:
             raise ConfigError(
                 f"sampling.branch_steps={b} must be sorted, unique step indices in [0, {n - 1}]"
             )
+    if s.antithetic_noise and s.plan == "branching":
+        raise ConfigError("sampling.antithetic_noise pairs whole rollouts; branching plans (TempFlow) are not "
+                          "supported, set sampling.antithetic_noise=false or use another plan")
     if s.sde_kind == "cps":
         last_sde = (s.plan == "full" and s.include_last_step) or (
             s.plan == "window" and s.window_start + s.window_size == n

@@ -116,6 +116,20 @@ def test_group_noise_sharing():
     assert not torch.equal(indep[0], indep[1])
 
 
+def test_antithetic_rollout_pairs_opposite_sde_noise():
+    # v = -x keeps the dynamics linear: from a shared start of 0, a pair's paths are exact mirror images,
+    # so their finals cancel and their (symmetric) log-probs agree; different pairs draw different noise
+    sig = torch.linspace(1, 0, 9)
+    plan = window_plan(8, 3, 0)
+    traj = rollout(lambda x, s: -x, torch.zeros(4, 2, 2), sig, plan, antithetic=True,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(traj.final[0], -traj.final[1]) and torch.allclose(traj.final[2], -traj.final[3])
+    assert torch.allclose(traj.log_probs[0], traj.log_probs[1])
+    assert not torch.allclose(traj.final[0].abs(), traj.final[2].abs())
+    with pytest.raises(ValueError, match="odd batch"):
+        rollout(lambda x, s: -x, torch.zeros(3, 2, 2), sig, plan, antithetic=True)
+
+
 def test_plan_from_config():
     s = SamplingConfig(num_steps=10, plan="progressive_window", window_size=3, window_shift_interval=2, window_stride=1)
     assert plan_from_config(s, iteration=5).record == (2, 3, 4)

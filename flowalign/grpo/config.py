@@ -167,6 +167,11 @@ def validate_config(cfg: Config) -> None:
     for i, r in enumerate(cfg.rewards):
         if not r.name:
             raise ConfigError(f"rewards[{i}].name is empty; give a registered reward name")
+    if s.antithetic_noise and (t.group_size % 2 or s.batch_size % 2):
+        raise ConfigError(
+            f"sampling.antithetic_noise pairs the images of a group: train.group_size={t.group_size} and "
+            f"sampling.batch_size={s.batch_size} must be even"
+        )
     if t.micro_batch_size > t.group_size * t.prompts_per_iteration:
         raise ConfigError(
             f"train.micro_batch_size={t.micro_batch_size} is larger than the images per iteration "

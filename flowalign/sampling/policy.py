@@ -63,16 +63,18 @@ class SDEPolicy:
     ``noise_level`` on ``sigmas`` (N+1, last 0), following the plan ``plan_fn(iteration, generator)``."""
 
     def __init__(self, kind: str, noise_level: float, sigmas: torch.Tensor,
-                 plan_fn: Callable[[int, torch.Generator | None], RolloutPlan]):
+                 plan_fn: Callable[[int, torch.Generator | None], RolloutPlan], antithetic: bool = False):
         self.kind = kind
         self.noise_level = noise_level
+        self.antithetic = antithetic  # rows 2j, 2j+1 draw opposite SDE noise (plain plans)
         self.sigmas = sigmas.float()
         self._plan_fn = plan_fn
 
     @classmethod
     def from_config(cls, sampling, sigmas: torch.Tensor) -> "SDEPolicy":
         """From a ``SamplingConfig`` and the model's schedule for it (``policy.sigmas(...)``)."""
-        return cls(sampling.sde_kind, sampling.noise_level, sigmas, functools.partial(plan_from_config, sampling))
+        return cls(sampling.sde_kind, sampling.noise_level, sigmas, functools.partial(plan_from_config, sampling),
+                   antithetic=sampling.antithetic_noise)
 
     # ------------------------------------------------------------------ plans
     def plan(self, iteration: int, generator: torch.Generator | None = None) -> RolloutPlan:
@@ -108,7 +110,7 @@ class SDEPolicy:
         sigmas = self.sigmas.to(noise.device)
         kw = dict(kind=self.kind, noise_level=self.noise_level, generator=generator)
         if not plan.is_branching:
-            traj = rollout(velocity_fn, noise, sigmas, plan, **kw)
+            traj = rollout(velocity_fn, noise, sigmas, plan, antithetic=self.antithetic, **kw)
             n, T = traj.log_probs.shape
             return Units(latents=traj.latents, next_latents=traj.next_latents, log_probs=traj.log_probs,
                          sigmas=traj.sigmas[None].expand(n, T), sigmas_next=traj.sigmas_next[None].expand(n, T),

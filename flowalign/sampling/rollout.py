@@ -93,9 +93,16 @@ def rollout(
     kind: str = "flow_grpo",
     noise_level: float = 0.7,
     generator: torch.Generator | None = None,
+    antithetic: bool = False,
 ) -> Trajectory:
-    """Sample from ``noise`` (at σ = sigmas[0]) following ``plan``; record the planned transitions."""
+    """Sample from ``noise`` (at σ = sigmas[0]) following ``plan``; record the planned transitions.
+
+    ``antithetic``: rows 2j and 2j+1 draw opposite SDE noise (ε, −ε) at every SDE step (antithetic
+    variates): a pair's policy gradient (A₁ − A₂)·∇μ·ε/σ keeps the reward's difference along ε and
+    drops the common part the shared baseline would otherwise have to cancel."""
     _check_kind(kind)
+    if antithetic and noise.shape[0] % 2:
+        raise ValueError(f"antithetic noise pairs rows; got an odd batch of {noise.shape[0]}")
     if plan.is_branching:
         raise ValueError("this plan branches; call rollout_branched")
     sigmas = _check_sigmas(sigmas, plan).to(noise.device)
@@ -106,7 +113,11 @@ def rollout(
         s, s_next = sigmas[i], sigmas[i + 1]
         v = velocity_fn(x, s.expand(B))
         if plan.sde[i]:
-            res = sde_step(kind, x, v, s, s_next, noise_level, generator=generator)
+            eps = None
+            if antithetic:
+                half = torch.randn((B // 2, *x.shape[1:]), generator=generator, device=x.device)
+                eps = torch.stack([half, -half], 1).flatten(0, 1)  # rows 2j, 2j+1: ε_j, −ε_j
+            res = sde_step(kind, x, v, s, s_next, noise_level, eps, generator=generator)
         else:
             res = ode_step(x, v, s, s_next)
         if i in plan.record:
