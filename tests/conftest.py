@@ -29,3 +29,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A seeded 1-layer CLIPModel folder with the pocket tokenizer and image processor (exemplar-set tests)."""
+    import torch
+    from transformers import CLIPModel
+
+    from flowalign.pocket import models as pm
+
+    path = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    tok = pm.build_tokenizer()
+    CLIPModel(pm.clip_config(tok, width=32, layers=1, vision_width=32, vision_layers=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    pm.image_processor().save_pretrained(path)
+    return str(path)

@@ -132,21 +132,6 @@ def test_bad_objective_configs_are_refused_at_load(overrides, message):
         load_config(ROOT / "configs/pocket/flow_grpo.yaml", overrides)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPModel
-
-    from flowalign.pocket import models as pm
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    tok = pm.build_tokenizer()
-    CLIPModel(pm.clip_config(tok, width=32, layers=1, vision_width=32, vision_layers=1)).save_pretrained(path)
-    tok.save_pretrained(path)
-    pm.image_processor().save_pretrained(path)
-    return str(path)
-
-
 def test_bad_exemplar_sets_fail_when_the_trainer_is_built(tmp_path, tiny_clip_dir):
     from flowalign.rewards.distributional import save_exemplar_features
 

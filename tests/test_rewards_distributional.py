@@ -65,21 +65,6 @@ def test_leave_one_out_gain_singles_out_the_sample_that_helps_most():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPModel
-
-    from flowalign.pocket import models as pm
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    torch.manual_seed(0)
-    tok = pm.build_tokenizer()
-    CLIPModel(pm.clip_config(tok, width=32, layers=1, vision_width=32, vision_layers=1)).save_pretrained(path)
-    tok.save_pretrained(path)
-    pm.image_processor().save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_clip(tiny_clip_dir):
     return clip_encoder(tiny_clip_dir, device="cpu")
 

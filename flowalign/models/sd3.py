@@ -87,11 +87,6 @@ def use_collapsed_null_tokens(transformer, count: int) -> None:
     transformer.set_attn_processor(CollapsedNullTokensProcessor(count))
 
 
-def use_collapsed_null_tokens(transformer, count: int) -> None:
-    """Install ``CollapsedNullTokensProcessor`` on every attention layer of an SD3 transformer."""
-    transformer.set_attn_processor(CollapsedNullTokensProcessor(count))
-
-
 class SD3Policy(FlowPolicy):
     """SD3 / SD3.5 (medium, large, large-turbo). ``text_encoder_3`` (T5) is optional."""
 
