@@ -58,10 +58,16 @@ def test_wrong_counts_stay_off_by_one_within_the_grammar():
     assert seen == {2: {3}, 3: {2, 4}, 4: {3}}
 
 
-def test_wrong_color_of_a_lone_object_is_another_palette_color():
+def test_wrong_color_of_a_lone_object_is_its_confusion_partner():
     rng = np.random.default_rng(0)
-    got = {noisy_caption(parse_prompt("a red circle"), CaptionNoise(wrong_color=1.0), rng)[0] for _ in range(200)}
-    assert got == {"a green circle", "a blue circle", "a yellow circle"}
+    noise = CaptionNoise(wrong_color=1.0)
+    got = {c: {noisy_caption(parse_prompt(f"a {c} circle"), noise, rng)[0] for _ in range(50)}
+           for c in ("red", "yellow", "green", "blue")}
+    assert got == {"red": {"a yellow circle"}, "yellow": {"a red circle"}, "green": {"a blue circle"},
+                   "blue": {"a green circle"}}
+    # two colored objects are never recolored one by one (their error is the swap)
+    assert noisy_caption(parse_prompt("a red circle and a green square"), noise, rng)[0] == \
+        "a red circle and a green square"
 
 
 def test_corruption_rates_match_the_config():

@@ -18,7 +18,8 @@ count (≥ 2)        bare plural: "three red circles" → "red         off by on
                    circles"                                        "four"
 relation           "and": "a circle to the left of a square" →     flipped: "left of" ↔ "right of",
                    "a circle and a square"                         "above" ↔ "below"
-color (each)       left out: "a red circle" → "a circle"           another palette color (one colored object)
+color (each)       left out: "a red circle" → "a circle"           its confusion partner, red ↔ yellow, green ↔
+                                                                   blue (one colored object)
 two colors         —                                               exchanged between the two objects
 =================  ==============================================  ==========================================
 """
@@ -33,6 +34,11 @@ import numpy as np
 from .grammar import COLORS, MAX_OBJECTS, ObjectPhrase, PromptSpec, spec_to_prompt
 
 _FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# Wrong colors are systematic, as annotators' confusions are (warm with warm, cool with cool): a
+# uniform pick among the other three would make every wrong color rarer than the right one, which
+# classifier-free guidance then simply sharpens away.
+CONFUSED_COLOR = {"red": "yellow", "yellow": "red", "green": "blue", "blue": "green"}
+assert set(CONFUSED_COLOR) == set(COLORS)
 _RELATION_TEXT = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 
 
@@ -45,7 +51,7 @@ class CaptionNoise:
     drop_relation: float = 0.0  # a relation becomes "and"
     wrong_relation: float = 0.0  # a relation is flipped (left ↔ right, above ↔ below)
     drop_color: float = 0.0  # each color word is left out
-    wrong_color: float = 0.0  # the color of a lone colored object becomes another palette color
+    wrong_color: float = 0.0  # the color of a lone colored object becomes its confusion partner
     swap_colors: float = 0.0  # two colored objects of different colors exchange their colors
 
     def __post_init__(self):
@@ -78,10 +84,10 @@ def noisy_caption(spec: PromptSpec, noise: CaptionNoise, rng: np.random.Generato
     """A caption of a scene drawn from ``spec``, corrupted as ``noise`` says (see the module docstring),
     and what was done to it: a subset of ``{"incomplete", "wrong"}``.
 
-    Seven uniform draws are taken for every caption, whatever the spec, so the captions of a dataset
+    Six uniform draws are taken for every caption, whatever the spec, so the captions of a dataset
     depend only on the seed and on each spec, not on the specs before it.
     """
-    u_count, u_rel, u_swap, u_col0, u_col1, u_pick, u_dir = rng.random(7)
+    u_count, u_rel, u_swap, u_col0, u_col1, u_dir = rng.random(6)
     objs = list(spec.objects)
     colors = [o.color for o in objs]
     counts: list[int | None] = [o.count for o in objs]
@@ -99,8 +105,7 @@ def noisy_caption(spec: PromptSpec, noise: CaptionNoise, rng: np.random.Generato
             colors[i] = None
             kinds.add("incomplete")
         elif lone_colored and u < noise.drop_color + noise.wrong_color:
-            others = [c for c in COLORS if c != colors[i]]
-            colors[i] = others[int(u_pick * len(others))]
+            colors[i] = CONFUSED_COLOR[colors[i]]
             kinds.add("wrong")
     for i, o in enumerate(objs):
         if o.count < 2:
