@@ -313,9 +313,6 @@ def validate_sampling(s: SamplingConfig) -> None:
             raise ConfigError(
                 f"sampling.branch_steps={b} must be sorted, unique step indices in [0, {n - 1}]"
             )
-    if s.antithetic_noise and s.plan == "branching":
-        raise ConfigError("sampling.antithetic_noise pairs whole rollouts; branching plans (TempFlow) are not "
-                          "supported, set sampling.antithetic_noise=false or use another plan")
     if s.sde_kind == "cps":
         last_sde = (s.plan == "full" and s.include_last_step) or (
             s.plan == "window" and s.window_start + s.window_size == n

@@ -167,6 +167,9 @@ def validate_config(cfg: Config) -> None:
     for i, r in enumerate(cfg.rewards):
         if not r.name:
             raise ConfigError(f"rewards[{i}].name is empty; give a registered reward name")
+    if s.antithetic_noise and s.plan == "branching":
+        raise ConfigError("sampling.antithetic_noise pairs whole rollouts; branching plans (TempFlow) are not "
+                          "supported, set sampling.antithetic_noise=false or use another plan")
     if s.antithetic_noise and (t.group_size % 2 or s.batch_size % 2):
         raise ConfigError(
             f"sampling.antithetic_noise pairs the images of a group: train.group_size={t.group_size} and "
