@@ -177,20 +177,13 @@ def clip_encoder(path: str | None = None, device: str | None = None, dtype: str 
     """A transformers ``CLIPModel`` encoder. ``path``: a folder (``save_pretrained`` format, with its
     tokenizer and image processor) or hub id; default the shipped pocket CLIP (name ``pocket_clip``).
     ``name`` (default ``clip:<path>``) is what exemplar feature files record."""
-    from transformers import AutoProcessor, CLIPModel
+    from .pickscore import load_hf_clip
 
     if path is None:
         from ..pocket.assets import CLIP_DIR, shipped
 
         path, name = str(shipped(CLIP_DIR, "CLIP")), name or "pocket_clip"
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    proc = AutoProcessor.from_pretrained(path)
-    model, loading = CLIPModel.from_pretrained(path, output_loading_info=True)
-    if loading["missing_keys"] or loading["mismatched_keys"]:
-        raise ValueError(f"{path} is not a CLIPModel checkpoint: missing {sorted(loading['missing_keys'])[:5]}, "
-                         f"mismatched {list(loading['mismatched_keys'])[:5]}")
-    model = freeze(model.to(device=dev, dtype=dt))
-    max_length = min(proc.tokenizer.model_max_length, 77)
+    model, proc, dev, dt, max_length = load_hf_clip(path, path, device, dtype)
     return ClipEncoder(model, proc, dev, dt, name or f"clip:{path}", normalize, max_length)
 
 

@@ -59,6 +59,14 @@ def pickscore(
 ) -> PickScore:
     """PickScore. ``model``/``processor``: hub ids or local folders (``save_pretrained`` format).
     Any transformers ``CLIPModel`` scores the same way (``pocket_clip`` is one)."""
+    clip_model, proc, dev, dt, max_length = load_hf_clip(model, processor, device, dtype)
+    return PickScore(clip_model, proc, dev, dt, max_length=max_length, name=name)
+
+
+def load_hf_clip(model: str, processor: str, device: str | None, dtype: str):
+    """A frozen transformers ``CLIPModel`` and its processor (hub ids or local folders) →
+    ``(model, processor, device, dtype, max_text_length)``; a folder that is no CLIPModel checkpoint
+    fails with the keys that are missing or mismatched."""
     from transformers import AutoProcessor, CLIPModel
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -69,4 +77,4 @@ def pickscore(
                          f"mismatched {list(loading['mismatched_keys'])[:5]}")
     clip_model = freeze(clip_model.to(device=dev, dtype=dt))
     max_length = min(proc.tokenizer.model_max_length, 77)  # CLIP text towers have 77 positions at most
-    return PickScore(clip_model, proc, dev, dt, max_length=max_length, name=name)
+    return clip_model, proc, dev, dt, max_length
