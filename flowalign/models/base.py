@@ -321,21 +321,21 @@ class Policy:
         self._cache.clear()
 
     def _encode_cached(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.cache_text_embeddings:
-            return self._encode_texts_no_grad(texts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            embeds, pooled = self._encode_texts_no_grad(missing)
-            for i, text in enumerate(missing):
-                # clones: a cached row must not keep its whole encoding batch alive
-                row_pooled = None if pooled is None else pooled[i : i + 1].clone()
-                self._cache[text] = (embeds[i : i + 1].clone(), row_pooled)
-        rows = []
-        for text in texts:
-            self._cache.move_to_end(text)
-            rows.append(self._cache[text])
+        """Embeddings of ``texts`` (rows in order). Each distinct text is encoded alone, so its embedding
+        does not depend on which texts shared its batch or on what the cache held: the same bits with the
+        cache on or off, and in a resumed run as in an uninterrupted one."""
+        encoded = {}
+        for text in dict.fromkeys(texts):
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                encoded[text] = self._cache[text]
+            else:
+                encoded[text] = self._encode_texts_no_grad([text])
+                if self.cache_text_embeddings:
+                    self._cache[text] = encoded[text]
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+        rows = [encoded[text] for text in texts]
         embeds = torch.cat([r[0] for r in rows])
         pooled = None if rows[0][1] is None else torch.cat([r[1] for r in rows])
         return embeds, pooled
