@@ -18,6 +18,7 @@ from ..config import (
     locate_from_config, validate_sampling,
 )
 from ..models.families import FLOW_FAMILIES
+from ..prompts import HF_PREFIX
 from .objectives import OBJECTIVES
 
 __all__ = ["TrainConfig", "EvalConfig", "Config", "load_config", "validate_config", "Sizes"]
@@ -25,7 +26,9 @@ __all__ = ["TrainConfig", "EvalConfig", "Config", "load_config", "validate_confi
 
 @dataclass
 class TrainConfig:
-    prompts: str = _f("prompts/demo.txt", "training prompt file: .txt (one per line) or .jsonl with 'prompt'")
+    prompts: str = _f("prompts/demo.txt", "training prompts: a .txt (one per line), .jsonl ('prompt' key), .csv or "
+                                          ".parquet file, a save_to_disk folder, or a Hub dataset "
+                                          "'hf:OWNER/NAME?split=train&column=prompt' (flowalign.prompts)")
     group_size: int = _f(16, "images per prompt (G); advantages are normalized within a group", min=2)
     prompts_per_iteration: int = _f(8, "prompt groups sampled per iteration, over all processes", min=1)
     num_iterations: int = _f(1000, "training iterations (rollout + update)", min=1)
@@ -93,7 +96,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: Optional[str] = _f(None, "held-out prompt file evaluated with ODE sampling (null = no eval)")
+    prompts: Optional[str] = _f(None, "held-out prompts evaluated with ODE sampling, any train.prompts source "
+                                      "(null = no eval)")
     every: int = _f(50, "evaluate every N iterations", min=1)
     num_images: int = _f(1, "images per eval prompt (fixed seeds)", min=1)
     seed: int = _f(1234, "seed of the evaluation noise")
@@ -127,12 +131,20 @@ def load_config(path: str | os.PathLike | None = None, overrides=(), validate: b
     upwards (``locate_from_config``), so a recipe loads the same from any folder."""
     cfg = load_structured(Config, path, overrides)
     if path is not None:
-        cfg.train.prompts = locate_from_config(cfg.train.prompts, path)
+        cfg.train.prompts = _locate_source(cfg.train.prompts, path)
         if cfg.eval.prompts is not None:
-            cfg.eval.prompts = locate_from_config(cfg.eval.prompts, path)
+            cfg.eval.prompts = _locate_source(cfg.eval.prompts, path)
     if validate:
         validate_config(cfg)
     return cfg
+
+
+def _locate_source(source: str, config) -> str:
+    """A local prompt source found from the config's folder upwards (options after '?' kept); Hub datasets as given."""
+    if source.startswith(HF_PREFIX):
+        return source
+    location, sep, options = source.partition("?")
+    return locate_from_config(location, config) + sep + options
 
 
 def validate_config(cfg: Config) -> None:
