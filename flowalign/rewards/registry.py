@@ -14,7 +14,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterable, Mapping
 
-from . import aesthetic, clip, distributional, imagereward, jpeg, pickscore, pocket, vlm
+from . import aesthetic, clip, distributional, geneval, imagereward, jpeg, pickscore, pocket, vlm
 from .base import MultiReward, Reward
 from .pairwise import FromPointwiseJudge, PairwiseJudge, WinRateReward
 
@@ -46,6 +46,7 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
     "jpeg_incompressibility": jpeg.jpeg_incompressibility,
     "vlm_score": vlm.vlm_score,
+    "geneval": geneval.geneval,
     "win_rate": win_rate,
     "pocket_gold": pocket.pocket_gold,
     "pocket_clip": pocket.pocket_clip,
