@@ -18,18 +18,21 @@ A source is a string, a local file or folder or a Hugging Face dataset, with opt
 Every source takes ``unique=true`` (drop repeated prompts, first kept: caption datasets list a caption once
 per rated pair). A prompt world with its own grammar passes a ``parse`` step
 (``pocket.prompts.load_prompt_file``). Every mistake — a missing file, a column that is not there, a
-dataset that is neither cached nor reachable — is one ValueError that says where the prompts come from and
+dataset that is neither cached nor reachable — is one ``UserError`` (a ValueError) that says where the prompts come from and
 how to fix it, raised before anything is generated.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
+
+from .errors import UserError
 
 __all__ = ["read_prompts", "parse_source", "PromptSource", "HF_PREFIX"]
 
@@ -65,13 +68,13 @@ def parse_source(source: str | os.PathLike) -> PromptSource:
     options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
-        raise ValueError(f"prompt source {text!r}: unknown option {unknown[0]!r} (options: "
+        raise UserError(f"prompt source {text!r}: unknown option {unknown[0]!r} (options: "
                          f"{', '.join(sorted(_OPTIONS))}), e.g. 'hf:OWNER/NAME?split=train&column=caption'")
     if hub and not location:
-        raise ValueError(f"prompt source {text!r} names no dataset; write hf:OWNER/NAME?split=train&column=prompt")
+        raise UserError(f"prompt source {text!r} names no dataset; write hf:OWNER/NAME?split=train&column=prompt")
     if not hub and set(options) - {"column", "split", "unique"}:
         extra = sorted(set(options) - {"column", "split", "unique"})[0]
-        raise ValueError(f"prompt source {text!r}: option {extra!r} is for Hub datasets (hf:OWNER/NAME?...)")
+        raise UserError(f"prompt source {text!r}: option {extra!r} is for Hub datasets (hf:OWNER/NAME?...)")
     return PromptSource(text, location, hub, options)
 
 
@@ -88,18 +91,18 @@ def read_prompts(source: str | os.PathLike, parse: Callable[[dict], dict] | None
         if path.is_dir():
             rows = _saved_dataset_rows(path, src)
         elif not path.is_file():
-            raise ValueError(f"prompt file {where!r} does not exist (give a .txt file with one prompt per line, "
+            raise UserError(f"prompt file {where!r} does not exist (give a .txt file with one prompt per line, "
                              "a .jsonl file with a 'prompt' key per line, a .csv/.parquet table, a folder saved by "
                              "datasets' save_to_disk, or a Hub dataset 'hf:OWNER/NAME?split=train&column=prompt')")
         elif path.suffix in (".txt", ".jsonl"):
             if "column" in src.options:
-                raise ValueError(f"prompt source {src.text!r}: 'column' applies to tables and datasets; a "
+                raise UserError(f"prompt source {src.text!r}: 'column' applies to tables and datasets; a "
                                  f"{path.suffix} file holds its prompt in each line / its 'prompt' key")
             rows = _text_rows(path)
         elif path.suffix in _TABLES:
             rows = _table_rows(path, src)
         else:
-            raise ValueError(f"prompt file {where!r} must end in .txt (one prompt per line), .jsonl (one JSON "
+            raise UserError(f"prompt file {where!r} must end in .txt (one prompt per line), .jsonl (one JSON "
                              "object with a 'prompt' key per line), .csv or .parquet (a 'prompt' column)")
     out, seen = [], set()
     for n, row in rows:
@@ -109,7 +112,7 @@ def read_prompts(source: str | os.PathLike, parse: Callable[[dict], dict] | None
             seen.add(row["prompt"])
         out.append(_parsed(row, parse, where, n))
     if not out:
-        raise ValueError(f"prompt source {src.text!r} has no prompts")
+        raise UserError(f"prompt source {src.text!r} has no prompts")
     return out
 
 
@@ -118,7 +121,7 @@ def read_prompts(source: str | os.PathLike, parse: Callable[[dict], dict] | None
 
 def _text_rows(path: Path):
     """(line number, row) of a .txt or .jsonl file."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_utf8(path).splitlines(), 1):
         text = line.strip()
         if not text or (path.suffix == ".txt" and text.startswith("#")):
             continue
@@ -128,26 +131,35 @@ def _text_rows(path: Path):
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object like "
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object like "
                              '{"prompt": "a red cube"}') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"{path}:{n}: each line needs a non-empty string 'prompt', got {text[:80]!r}")
+            raise UserError(f"{path}:{n}: each line needs a non-empty string 'prompt', got {text[:80]!r}")
         yield n, row
+
+
+def _utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a ``UserError`` naming the file and line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as "
+                        "UTF-8") from None
 
 
 def _table_rows(path: Path, src: PromptSource):
     """(row number, row) of a .csv (header line first) or .parquet table."""
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            _check_column(src, columns, str(path))
-            records = list(reader)
+        reader = csv.DictReader(io.StringIO(_utf8(path), newline=""))
+        columns = list(reader.fieldnames or [])
+        _check_column(src, columns, str(path))
+        records = list(reader)
         return _column_rows(records, src, str(path), first=2)  # line 1 is the header
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(f"reading {path} needs pyarrow: pip install 'flowalign[data]'") from None
+        raise UserError(f"reading {path} needs pyarrow: pip install 'flowalign[data]'") from None
     table = pq.read_table(path)
     _check_column(src, table.column_names, str(path))
     return _column_rows(table.to_pylist(), src, str(path), first=1)
@@ -159,12 +171,12 @@ def _saved_dataset_rows(path: Path, src: PromptSource):
     try:
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError:
-        raise ValueError(f"prompt source {src.text!r} is a folder but not one written by datasets' save_to_disk "
+        raise UserError(f"prompt source {src.text!r} is a folder but not one written by datasets' save_to_disk "
                          "(no dataset_info.json / dataset_dict.json); give a prompt file or a saved dataset") from None
     if isinstance(data, datasets.DatasetDict):
         split = src.options.get("split", "train" if list(data) == ["train"] else "")
         if split not in data:
-            raise ValueError(f"prompt source {src.text!r} holds the splits {', '.join(data)}; pick one with "
+            raise UserError(f"prompt source {src.text!r} holds the splits {', '.join(data)}; pick one with "
                              f"?split=NAME (e.g. {str(path)}?split={next(iter(data))})")
         data = data[split]
     _check_column(src, data.column_names, src.text)
@@ -187,7 +199,7 @@ def _hub_rows(src: PromptSource):
             os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
         fetch = f"datasets.load_dataset({src.location!r}, split={split!r}" + "".join(
             f", {k}={v!r}" for k, v in kwargs.items()) + ")"
-        raise ValueError(
+        raise UserError(
             f"prompt source {src.text!r}: the Hugging Face dataset {src.location!r} is not in the local cache "
             f"({datasets.config.HF_DATASETS_CACHE}) and could not be "
             f"{'fetched (offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)' if offline else 'reached'}"
@@ -196,7 +208,7 @@ def _hub_rows(src: PromptSource):
             f"needed), or point the prompts at a local file"
         ) from None
     except ValueError as e:  # an unknown split or a bad slice
-        raise ValueError(f"prompt source {src.text!r}: {str(e).splitlines()[0][:300]}; fix ?split=") from None
+        raise UserError(f"prompt source {src.text!r}: {str(e).splitlines()[0][:300]}; fix ?split=") from None
     _check_column(src, data.column_names, src.text)
     return _column_rows(data, src, src.text, first=0)
 
@@ -205,7 +217,7 @@ def _import_datasets(where: str):
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"prompt source {where!r} needs the datasets library: pip install 'flowalign[data]'") from None
+        raise UserError(f"prompt source {where!r} needs the datasets library: pip install 'flowalign[data]'") from None
     return datasets
 
 
@@ -214,7 +226,7 @@ def _import_datasets(where: str):
 
 def _check_column(src: PromptSource, columns: list[str], where: str) -> None:
     if src.column not in columns:
-        raise ValueError(f"prompt source {where!r} has no column {src.column!r} (its columns: "
+        raise UserError(f"prompt source {where!r} has no column {src.column!r} (its columns: "
                          f"{', '.join(columns) or 'none'}); name the prompt column with ?column=NAME")
 
 
@@ -224,7 +236,7 @@ def _column_rows(records, src: PromptSource, where: str, first: int):
     for n, rec in enumerate(records, first):
         text = rec[col]
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: row {n} has no prompt text in column {col!r} (got {text!r}); "
+            raise UserError(f"{where}: row {n} has no prompt text in column {col!r} (got {text!r}); "
                              "remove the row or pick another column")
         row = {k: v for k, v in rec.items() if k != col}
         row["prompt"] = text.strip()
@@ -236,5 +248,7 @@ def _parsed(row: dict, parse, where: str, n: int) -> dict:
         return row
     try:
         return parse(row)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{where}:{n}: {e}") from e
+    except KeyError as e:
+        raise UserError(f"{where}:{n}: missing key {e}") from e
+    except ValueError as e:
+        raise UserError(f"{where}:{n}: {e}") from e
