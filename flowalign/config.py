@@ -108,6 +108,9 @@ class SamplingConfig:
     window_range: list[int] = _f([0, 3], "random_window: [low, high] range of the window start (inclusive)")
     window_shift_interval: int = _f(25, "progressive_window: iterations between window moves", min=1)
     window_stride: int = _f(1, "progressive_window: steps the window moves each time", min=0)
+    window_rollback: bool = _f(False, "progressive_window: MixGRPO's roll-back (its code's roll_back): windows "
+                                      "are cut at step N-2 and the start returns to window_start once it "
+                                      "reaches N-2; false: the window stops at the last full position N-w")
     branch_steps: list[int] = _f([1, 3, 5], "branching: steps where K SDE branches start from the ODE trunk")
     num_branches: int = _f(4, "branching: branches K per branch step", min=1)
     share_group_noise: bool = _f(False, "all images of a prompt's group start from the same noise")

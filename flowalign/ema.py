@@ -11,23 +11,41 @@ __all__ = ["EMA"]
 
 
 class EMA:
-    """shadow ← decay·shadow + (1 − decay)·param for each parameter, after every ``update()``.
+    """shadow ← d_k·shadow + (1 − d_k)·param for each parameter, at the k-th ``update()`` (k = 1, 2, ...)
+    when (k + 1) is a multiple of ``every``; d_k = ``decay``, or with ``warmup`` min((1 + k)/(10 + k), decay).
+
+    ``every=1, warmup=False`` (the default) updates every call at the constant decay. Flow-GRPO's
+    ``EMAModuleWrapper(decay=0.9, update_step_interval=8)`` is ``every=8, warmup=True`` with k its
+    optimizer-step counter (``train_sd3.py``: the first update at step 7 with d = 8/17, reaching 0.9 from
+    step 80). ``steps`` counts the calls (a checkpoint keeps it, so a resumed run continues the schedule).
 
     ``shadow`` holds detached copies (same device and dtype as the parameters); ``applied()``
     swaps them into the parameters inside a ``with`` block (sampling or saving with the averaged
     weights) and restores the trained values after; ``copy_to()`` writes them in for good.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], decay: float):
+    def __init__(self, params: Iterable[torch.Tensor], decay: float, every: int = 1, warmup: bool = False):
         if not 0 <= decay <= 1:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if every < 1:
+            raise ValueError(f"EMA update interval must be >= 1, got {every}")
         self.params = list(params)
         self.decay = float(decay)
+        self.every, self.warmup = int(every), bool(warmup)
+        self.steps = 0
         self.shadow = [p.detach().clone() for p in self.params]
+
+    def current_decay(self, k: int) -> float:
+        """d_k of the k-th update (class docstring)."""
+        return min((1 + k) / (10 + k), self.decay) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self) -> None:
-        d = self.decay
+        self.steps += 1
+        k = self.steps
+        if (k + 1) % self.every:
+            return
+        d = self.current_decay(k)
         for e, p in zip(self.shadow, self.params):
             e.mul_(d).add_(p.detach(), alpha=1 - d)
 

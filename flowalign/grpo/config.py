@@ -75,22 +75,36 @@ class TrainConfig:
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon (for element-averaged log-probs)", gt=0)
     adv_clip_max: float = _f(5.0, "advantages clipped to [-max, max]", gt=0)
     kl_beta: float = _f(0.04, "coefficient of the KL to the reference model (0 = off)", min=0)
+    kl_form: str = _f("exact", "KL to the reference: exact (the Gaussian transitions' KL, ÷2(σ_t·√|Δt|)²) or "
+                               "flow_grpo (Flow-GRPO's code, ÷2σ_t²: |Δt| times the exact one; needs "
+                               "sampling.sde_kind=flow_grpo)", choices=("exact", "flow_grpo"))
     num_inner_epochs: int = _f(1, "passes over each iteration's rollouts", min=1)
     timestep_fraction: float = _f(1.0, "fraction of recorded steps trained per sample", gt=0, max=1)
     timestep_weighting: str = _f("uniform", "per-step loss weight: uniform, or noise_aware (TempFlow-GRPO, "
                                             "proportional to the step's noise scale)",
                                  choices=("uniform", "noise_aware"))
-    shuffle_timesteps: bool = _f(True, "visit recorded steps in random order during the update")
+    shuffle_timesteps: bool = _f(True, "which recorded steps a unit trains each epoch: true = a random "
+                                       "timestep_fraction of them in random order (DanceGRPO); false = the first "
+                                       "ones in order (Flow-GRPO: steps 0..8 of 10)")
     std_mode: str = _f("per_prompt", "advantage std: per_prompt group std or global batch std",
                        choices=("per_prompt", "global"))
+    adv_std: str = _f("population", "advantage std estimator: population (÷n; Flow-GRPO, numpy) or unbiased "
+                                    "(÷(n-1); DanceGRPO, Pref-GRPO, torch)", choices=("population", "unbiased"))
+    adv_eps: float = _f(1e-4, "added to the advantage std (Flow-GRPO 1e-4; DanceGRPO, Pref-GRPO 1e-8)", gt=0)
     reward_normalization: str = _f("sum_then_normalize", "multi-reward: sum_then_normalize, or "
                                    "per_reward (normalize each reward, then weighted sum; GDPO-style)",
                                    choices=("sum_then_normalize", "per_reward"))
     ema: bool = _f(False, "keep an EMA of the trainable weights")
     ema_decay: float = _f(0.9, "EMA decay per update", min=0, max=1)
+    ema_every: int = _f(1, "EMA: update at optimizer steps k with (k+1) a multiple of this (Flow-GRPO: 8)", min=1)
+    ema_warmup: bool = _f(False, "EMA: decay min((1+k)/(10+k), ema_decay) at optimizer step k (Flow-GRPO's "
+                                 "warm-up); false: ema_decay from the first update")
     mixed_precision: str = _f("bf16", "autocast precision of forward passes: fp32 (none), fp16 or bf16 "
                                       "(accelerate's 'no' is spelled fp32 here: YAML reads a bare no as false)",
                               choices=("fp32", "fp16", "bf16"))
+    ratio_dev_warn: Optional[float] = _f(None, "warn when train/ratio_dev_first_step (largest |ratio-1| before the "
+                                               "iteration's first optimizer step, where it must be 1) exceeds "
+                                               "this; null = train.clip_range", min=0)
 
 
 
@@ -172,6 +186,15 @@ def validate_config(cfg: Config) -> None:
             "train.kl_beta > 0 needs a frozen reference model, and model.train_mode=full changes the base weights "
             "(LoRA's reference is the base with adapters off); use model.train_mode=lora or set train.kl_beta=0"
         )
+    if t.kl_form == "flow_grpo" and s.sde_kind != "flow_grpo":
+        raise ConfigError(f"train.kl_form=flow_grpo is Flow-GRPO's KL of its own SDE; with sampling.sde_kind="
+                          f"{s.sde_kind} use train.kl_form=exact")
+    if s.window_rollback and s.plan != "progressive_window":
+        raise ConfigError(f"sampling.window_rollback applies to sampling.plan=progressive_window, not {s.plan}; "
+                          "remove it or use the progressive window")
+    if s.window_rollback and not s.window_start < s.num_steps - 2:
+        raise ConfigError(f"sampling.window_rollback cuts windows at step num_steps-2={s.num_steps - 2}: "
+                          f"sampling.window_start={s.window_start} must be below it")
     if cfg.model.dtype == "float16" and t.mixed_precision == "bf16":
         raise ConfigError("model.dtype=float16 with train.mixed_precision=bf16 mixes half types; pick one")
     if not cfg.rewards:

@@ -25,15 +25,32 @@ def ppo_clip_loss(
     return torch.maximum(unclipped, clipped), ratio
 
 
-def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between the policy's and the reference's Gaussian transitions, which share the std
-    (Flow-GRPO's mean-space KL): KL = mean_elements((μ_θ − μ_ref)²) / (2σ²) → [B].
+KL_FORMS = ("exact", "flow_grpo")
 
-    Averaged over elements like the log-probs. ``std`` broadcasts against the means ([B, 1, ...]).
+
+def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, form: str = "exact",
+            dt_B: torch.Tensor | None = None) -> torch.Tensor:
+    """KL between the policy's and the reference's Gaussian transitions, which share the std s
+    (mean-space KL), averaged over elements like the log-probs → [B]:
+
+        exact:      KL = mean_elements((μ_θ − μ_ref)²) / (2·s²)          s = σ_t·√|Δt|, the transition std
+        flow_grpo:  KL = mean_elements((μ_θ − μ_ref)²) / (2·σ_t²)  = exact·|Δt|
+
+    ``flow_grpo`` is what Flow-GRPO's code computes (``train_sd3.py`` divides by 2·std_dev_t², the SDE's
+    diffusion coefficient σ_t = a·√(t/(1−t)) without √|Δt|), so the same β weighs the KL |Δt| times less
+    than the exact form (a shifted 10-step schedule: 4–25× on the first steps, ~100× on the last). It needs
+    ``dt_B`` (σ − σ_next per sample). ``std`` broadcasts against the means ([B, 1, ...]).
     """
     diff = (mean.float() - ref_mean.float()) ** 2
     dims = tuple(range(1, diff.ndim))
-    return diff.mean(dim=dims) / (2 * std.float().reshape(std.shape[0], -1)[:, 0] ** 2)
+    kl = diff.mean(dim=dims) / (2 * std.float().reshape(std.shape[0], -1)[:, 0] ** 2)
+    if form == "exact":
+        return kl
+    if form == "flow_grpo":
+        if dt_B is None:
+            raise ValueError("mean_kl(form='flow_grpo') needs dt_B, the step sizes σ − σ_next")
+        return kl * dt_B.float().abs()
+    raise ValueError(f"unknown KL form {form!r}; use one of {KL_FORMS}")
 
 
 def timestep_weights(kind: str, std_T: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,8 @@ class Objective:
 class PPOClip(Objective):
     """The Flow-GRPO family's objective (Flow-GRPO, DanceGRPO, Pref-GRPO, TempFlow-GRPO, MixGRPO):
     the PPO-clipped ratio of the transition's log-prob under the current policy to the sampling one
-    (``losses.ppo_clip_loss``), + β·KL to the reference (``losses.mean_kl``, mean-space), times the
+    (``losses.ppo_clip_loss``), + β·KL to the reference (``losses.mean_kl``, mean-space, in the
+    ``train.kl_form``), times the
     step weight. Columns: the recorded SDE steps, a ``timestep_fraction`` of them per epoch."""
 
     name = "grpo"
@@ -187,7 +188,7 @@ class PPOClip(Objective):
             with torch.no_grad(), self.policy.reference():
                 v_ref = self.policy.velocity(x, sig, mb.cond, self.guidance_scale)
             ref_mean, _ = self.sde.mean_std(x, v_ref, sig, sig_next)
-            kl = mean_kl(res.mean, ref_mean, res.std)  # [B]
+            kl = mean_kl(res.mean, ref_mean, res.std, t.kl_form, sig - sig_next)  # [B]
             loss_B = pg + t.kl_beta * kl
         a = mb.alive
         with torch.no_grad():
@@ -198,7 +199,9 @@ class PPOClip(Objective):
             metrics = {"policy_loss": mb.live_mean(pg), "kl": mb.live_mean(kl),
                        "approx_kl": D * float(approx_kl(res.log_prob[a], mb.old_log_probs[a])) if live else 0.0,
                        "clipfrac": float(clip_fraction(ratio[a], t.clip_range)) if live else 0.0,
-                       "ratio_mean": mb.live_mean(ratio, empty=1.0)}
+                       "ratio_mean": mb.live_mean(ratio, empty=1.0),
+                       # the trainer keeps its largest value before the iteration's first optimizer step
+                       "ratio_dev": float((ratio[a] - 1).abs().max()) if live else 0.0}
         return mb.weights * loss_B, metrics
 
 

@@ -32,11 +32,12 @@ class TrainState:
     and EMA (``ema_decay`` None: no EMA), and the run's files under ``output_dir``."""
 
     def __init__(self, accelerator, output_dir: str | os.PathLike, params: list[torch.Tensor], names: list[str],
-                 optimizer, *, device, ema_decay: float | None, keep_checkpoints: int, prompts_per_iteration: int):
+                 optimizer, *, device, ema_decay: float | None, ema_every: int = 1, ema_warmup: bool = False,
+                 keep_checkpoints: int, prompts_per_iteration: int):
         self.acc, self.device = accelerator, device
         self.output_dir = Path(output_dir)
         self.params, self.names, self.optimizer = params, names, optimizer
-        self.ema = EMA(params, ema_decay) if ema_decay is not None else None
+        self.ema = EMA(params, ema_decay, every=ema_every, warmup=ema_warmup) if ema_decay is not None else None
         self.keep_checkpoints = keep_checkpoints
         self.prompts_per_iteration = prompts_per_iteration
 
@@ -73,6 +74,7 @@ class TrainState:
                     rng["cuda"] = torch.cuda.get_rng_state_all()
                 torch.save(rng, tmp / "rng.pt")
                 atomic_write_json(tmp / "state.json", {"iteration": iteration, "processes": self.acc.num_processes,
+                                                       "ema_steps": self.ema.steps if self.ema is not None else 0,
                                                        "sampler_position": iteration * self.prompts_per_iteration})
             for old in sorted(self.checkpoint_dir.glob("iter_*"))[:-self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -100,6 +102,7 @@ class TrainState:
         if self.ema is not None and (path / "ema.safetensors").is_file():
             ema = load_file(str(path / "ema.safetensors"))
             self.ema.load(ema[n] for n in self.names)
+            self.ema.steps = int(state.get("ema_steps", 0))  # where the EMA schedule (ema_every, warm-up) stands
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])

@@ -158,7 +158,8 @@ class GRPOTrainer:
         self._wrapped, optimizer = self.acc.prepare(self.policy.denoiser, opt)
         self.policy.wrap_denoiser(self._wrapped)
         return TrainState(self.acc, self.output_dir, params, names, optimizer, device=self.device,
-                          ema_decay=t.ema_decay if t.ema else None, keep_checkpoints=self.cfg.run.keep_checkpoints,
+                          ema_decay=t.ema_decay if t.ema else None, ema_every=t.ema_every, ema_warmup=t.ema_warmup,
+                          keep_checkpoints=self.cfg.run.keep_checkpoints,
                           prompts_per_iteration=t.prompts_per_iteration)
 
     def _gen(self, iteration: int, stream: Stream, *more: int, device="cpu") -> torch.Generator:
@@ -264,7 +265,8 @@ class GRPOTrainer:
         g_ids = self._gather(batch.group_ids.to(self.device))
         g_per = {k: self._gather(v.float().to(self.device)) for k, v in per_reward.items()}
         adv, masked = multi_reward_advantages(g_per, weights, g_ids, mode=t.reward_normalization,
-                                              std_mode=t.std_mode, clip_max=t.adv_clip_max)
+                                              std_mode=t.std_mode, clip_max=t.adv_clip_max,
+                                              unbiased=t.adv_std == "unbiased", eps=t.adv_eps)
         g_total = sum(weights[k] * v for k, v in g_per.items())
         lo, n = self.rank * len(batch.prompts), len(batch.prompts)
         batch.advantages, batch.masked = adv[lo:lo + n].cpu(), masked[lo:lo + n].cpu()
@@ -299,6 +301,7 @@ class GRPOTrainer:
         n_micro = math.ceil(n_train / mb)
         stats: dict[str, list] = {"grad_norm": []}
         steps = 0
+        ratio_dev = None  # largest |ratio - 1| before the first optimizer step, where the ratio must be 1
         for epoch in range(t.num_inner_epochs):
             g = self._gen(iteration, Stream.SHUFFLE, epoch, self.rank)
             # [n_train] unit per row (whole groups in a row when grouped); live False: padding
@@ -315,6 +318,9 @@ class GRPOTrainer:
                         # gradients are all-reduced across processes once per step, at its last backward
                         with self._grad_sync(m == group[-1] and j == T_train - 1):
                             out = self._micro_step(batch, rows, cols[rows, j], alive, scale=1.0 / (T_train * len(group)))
+                        dev = out.pop("ratio_dev", None)
+                        if dev is not None and steps == 0:
+                            ratio_dev = max(dev, ratio_dev or 0.0)
                         for k, v in out.items():
                             stats.setdefault(k, []).append(v)
                 if t.max_grad_norm > 0:
@@ -324,7 +330,24 @@ class GRPOTrainer:
                 self.state.ema_update()
                 steps += 1
         return {**{f"train/{k}": v for k, v in prepared.items()}, **{f"train/{k}": _mean(v) for k, v in stats.items()},
-                "train/optimizer_steps": steps}
+                "train/optimizer_steps": steps, **self._ratio_check(ratio_dev, iteration)}
+
+    def _ratio_check(self, dev: float | None, iteration: int) -> dict:
+        """``train/ratio_dev_first_step``: the largest |ratio - 1| over all processes before the iteration's
+        first optimizer step, where the policy is still the rollout's and the recomputed log-prob must equal
+        the recorded one (objectives without a ratio report none). Past ``train.ratio_dev_warn`` (default
+        the clip range: PPO would clip on numerical noise) a warning line names what to check."""
+        if dev is None:
+            return {}
+        t = self.cfg.train
+        dev = float(self._gather(torch.tensor([dev], device=self.device)).max())
+        limit = t.ratio_dev_warn if t.ratio_dev_warn is not None else t.clip_range
+        if dev > limit and self.is_main:
+            self.log(f"warning: iteration {iteration + 1}: before any update the recomputed log-probs differ from the "
+                     f"rollout's (largest |ratio - 1| = {dev:.3g} > {limit:g}, train.ratio_dev_warn): the update sees "
+                     "other numbers than the rollout did; check train.mixed_precision and model.dtype, and that a "
+                     "row's velocity does not depend on its batch (sampling.batch_size vs train.micro_batch_size)")
+        return {"train/ratio_dev_first_step": dev}
 
     def _micro_step(self, batch: RolloutBatch, rows, cols, alive, scale: float) -> dict:
         """The objective's loss on units ``rows`` at columns ``cols``, averaged over the rows (padding rows

@@ -8,7 +8,8 @@ A plan is plain data. Builders cover the published variants:
                              (Flow-GRPO-Fast, MixGRPO's window).
 * ``random_window_plan``   – the window's start drawn uniformly from a range each iteration.
 * ``progressive_window_plan`` – MixGRPO's sliding window: the start moves ``stride`` steps every
-                             ``shift_interval`` iterations, capped at the last valid position.
+                             ``shift_interval`` iterations, capped at the last valid position, or
+                             (``rollback``) rolled back to the start as MixGRPO's code does.
 * ``branching_plan``       – TempFlow-GRPO: an ODE trunk; at each branch step one SDE step spawns K
                              branches that finish by ODE, so each branch step gets its own reward.
 """
@@ -92,15 +93,33 @@ def random_window_plan(
 
 
 def progressive_window_plan(
-    num_steps: int, window_size: int, iteration: int, shift_interval: int, stride: int = 1, start: int = 0
+    num_steps: int, window_size: int, iteration: int, shift_interval: int, stride: int = 1, start: int = 0,
+    rollback: bool = False,
 ) -> RolloutPlan:
-    """MixGRPO's sliding window (Li et al. 2025): start = start₀ + stride·⌊iteration/interval⌋,
-    capped at num_steps − window_size, so training moves from high to low noise over time."""
+    """MixGRPO's sliding window (Li et al. 2025): the window's j-th position (j = ⌊iteration/interval⌋)
+    is p_j = start₀ + stride·j, so training moves from high to low noise over time.
+
+    Without ``rollback`` p_j is capped at num_steps − window_size (the window stays at the last full
+    position). With ``rollback`` it follows MixGRPO's code (``fastvideo/utils/grpo_states.py``,
+    ``roll_back=True`` with ``max_timesteps = N − 2``): the window covers steps [p_j, min(p_j + w, N − 2)),
+    cut at N − 2, and once p_j reaches N − 2 the position starts again from start₀, so
+    p_j = start₀ + stride·(j mod K), K the number of positions below N − 2. (The reference also spends one
+    interval at p = N − 2, whose window is empty and trains nothing; here that position is skipped.)
+    """
     _check(num_steps, window_size)
     if shift_interval < 1 or stride < 0 or iteration < 0:
         raise ValueError("need shift_interval >= 1, stride >= 0 and iteration >= 0")
-    pos = min(start + stride * (iteration // shift_interval), num_steps - window_size)
-    return window_plan(num_steps, window_size, pos)
+    j = iteration // shift_interval
+    if not rollback:
+        pos = min(start + stride * j, num_steps - window_size)
+        return window_plan(num_steps, window_size, pos)
+    limit = num_steps - 2  # MixGRPO's max_timesteps: windows end before it
+    if not 0 <= start < limit:
+        raise ValueError(f"a rolling-back window needs 0 <= start < num_steps - 2 = {limit}, got start={start}")
+    positions = (limit - start + stride - 1) // stride if stride else 1  # K: starts below the limit
+    pos = start + stride * (j % positions)
+    idx = tuple(range(pos, min(pos + window_size, limit)))
+    return RolloutPlan(num_steps, tuple(i in idx for i in range(num_steps)), idx)
 
 
 def branching_plan(num_steps: int, branch_steps, num_branches: int) -> RolloutPlan:
@@ -129,7 +148,7 @@ def plan_from_config(sampling, iteration: int = 0, generator: torch.Generator | 
     if kind == "progressive_window":
         return progressive_window_plan(
             n, sampling.window_size, iteration, sampling.window_shift_interval, sampling.window_stride,
-            sampling.window_start,
+            sampling.window_start, rollback=sampling.window_rollback,
         )
     if kind == "branching":
         return branching_plan(n, sampling.branch_steps, sampling.num_branches)
