@@ -103,6 +103,9 @@ class SamplingConfig:
                    choices=("full", "window", "random_window", "progressive_window", "branching"))
     include_last_step: bool = _f(True, "full plan: also make the last step (into sigma=0) SDE; must be "
                                        "false for cps, whose last step is deterministic")
+    record_last_step: bool = _f(True, "full plan with include_last_step: also record and train the last SDE step; "
+                                      "false = DanceGRPO / Pref-GRPO's --ignore_last (the last step stays "
+                                      "stochastic but is never trained)")
     window_size: int = _f(2, "window plans: number of consecutive SDE steps", min=1)
     window_start: int = _f(0, "window: first SDE step; progressive_window: starting position", min=0)
     window_range: list[int] = _f([0, 3], "random_window: [low, high] range of the window start (inclusive)")
@@ -325,6 +328,10 @@ def validate_sampling(s: SamplingConfig) -> None:
                 "sampling.sde_kind=cps makes the last step (into sigma=0) deterministic, so it cannot be "
                 "trained; set sampling.include_last_step=false or keep windows/branches before the last step"
             )
+    if not s.record_last_step and not (s.plan == "full" and s.include_last_step):
+        raise ConfigError("sampling.record_last_step=false leaves the last SDE step of a full plan untrained; it needs "
+                          "sampling.plan=full and sampling.include_last_step=true (with include_last_step=false the "
+                          "last step is an ODE step and never trained anyway)")
     if s.sde_kind != "cps" and s.noise_level == 0:
         raise ConfigError(
             f"sampling.noise_level=0 makes the {s.sde_kind} SDE deterministic (no log-prob); use a value > 0"

@@ -205,3 +205,18 @@ def test_ratio_is_one_before_the_first_update_and_a_mismatch_warns(tmp_path):
     path = trainer.state.save(2)
     again = GRPOTrainer(cfg, log=lines.append)
     assert again.state.load(path) == 2 and again.state.ema.steps == 4
+
+
+# ------------------------------------------------------------------ DanceGRPO's --ignore_last
+
+
+def test_ignore_last_keeps_the_last_step_stochastic_but_untrained(tmp_path):
+    from flowalign.sampling.plans import full_sde_plan
+
+    plan = full_sde_plan(16, include_last=True, record_last=False)
+    assert plan.sde == (True,) * 16 and plan.record == tuple(range(15))
+    assert PPOClip.trained_columns(type("T", (), {"timestep_fraction": 0.6})(), 15) == 9  # int(15·0.6)
+    assert full_sde_plan(16, include_last=False).sde[-1] is False  # the other way: an ODE last step
+    with pytest.raises(ConfigError, match="record_last_step=false.*include_last_step=true"):
+        _load(tmp_path, {"model": {"family": "sd3"}, "sampling": {"include_last_step": False,
+                                                                   "record_last_step": False}})

@@ -63,13 +63,16 @@ def _check(num_steps: int, window_size: int | None = None) -> None:
         raise ValueError(f"window_size must be in [1, num_steps={num_steps}], got {window_size}")
 
 
-def full_sde_plan(num_steps: int, include_last: bool = True) -> RolloutPlan:
+def full_sde_plan(num_steps: int, include_last: bool = True, record_last: bool = True) -> RolloutPlan:
     """Every step is SDE and recorded (Flow-GRPO, DanceGRPO). ``include_last=False`` makes the last
-    step (into σ = 0) an unrecorded ODE step — required for CPS, whose last step is deterministic."""
+    step (into σ = 0) an unrecorded ODE step — required for CPS, whose last step is deterministic.
+    ``record_last=False`` keeps the last step stochastic but does not record it (DanceGRPO's and
+    Pref-GRPO's ``--ignore_last``: all N steps sample with noise, the first N − 1 are trainable)."""
     _check(num_steps)
     n_sde = num_steps if include_last else num_steps - 1
     sde = tuple(i < n_sde for i in range(num_steps))
-    return RolloutPlan(num_steps, sde, tuple(range(n_sde)))
+    n_rec = n_sde if record_last else min(n_sde, num_steps - 1)
+    return RolloutPlan(num_steps, sde, tuple(range(n_rec)))
 
 
 def window_plan(num_steps: int, window_size: int, start: int) -> RolloutPlan:
@@ -139,7 +142,7 @@ def plan_from_config(sampling, iteration: int = 0, generator: torch.Generator | 
     """The plan a ``SamplingConfig`` describes, for training iteration ``iteration``."""
     n, kind = sampling.num_steps, sampling.plan
     if kind == "full":
-        return full_sde_plan(n, include_last=sampling.include_last_step)
+        return full_sde_plan(n, include_last=sampling.include_last_step, record_last=sampling.record_last_step)
     if kind == "window":
         return window_plan(n, sampling.window_size, sampling.window_start)
     if kind == "random_window":
