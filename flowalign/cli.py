@@ -121,12 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registrars():
     """``register(subparsers)`` functions of the library's parts (each imports its heavy parts lazily)."""
+    from .eval.cli import register as evaluate
     from .grpo.cli import register as train
     from .noise_opt.cli import register as reno
     from .pocket.cli import register as pocket
     from .rewards.cli import register as rewards
 
-    return [train, reno, pocket, rewards]
+    return [train, reno, pocket, rewards, evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,38 @@ def atomic_dir(final: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
     os.replace(tmp, final)
 
 
+def check_safetensors(path: str | os.PathLike, key: str = "model") -> None:
+    """Every ``.safetensors`` file at ``path`` (a file, or a folder searched recursively) is whole:
+    its header parses and the file is exactly as long as the header says. Reads headers only (cheap),
+    so a truncated download or copy fails here, naming the file, rather than deep inside a loader.
+    ``key`` names the setting that pointed at it (``model.path``, ``--lora``)."""
+    import struct
+
+    from .errors import UserError
+
+    path = Path(path).expanduser()
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    for f in files:
+        size = f.stat().st_size
+        problem = None
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or n > size - 8:
+                problem = f"is {size} bytes, shorter than its header"
+            else:
+                try:
+                    header = json.loads(fh.read(n))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    problem = "has no valid safetensors header"
+                else:
+                    if 8 + n + end != size:
+                        problem = f"is {size} bytes but its header describes {8 + n + end} (truncated or padded)"
+        if problem:
+            raise UserError(f"{key}: weight file {f} {problem}; the copy is damaged, download, copy or rebuild it again")
+
+
 def image_grid(images_BCHW, nrow: int = 8, pad: int = 1, scale: int = 1):
     """Images [B,3,H,W] in [0,1] (torch or numpy) as one PIL image, ``nrow`` per row, upscaled
     ``scale``× with nearest neighbour."""

@@ -8,11 +8,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` or None → the CUDA device when there is one, else CPU; anything else as torch reads it."""
+def resolve_device(device: str | torch.device | None = "auto", key: str = "device") -> torch.device:
+    """``"auto"`` or None → the CUDA device when there is one, else CPU; anything else as torch reads
+    it, checked to exist on this machine (``UserError`` naming ``key`` otherwise)."""
+    from .errors import UserError
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{key}={device!r} but torch sees no CUDA GPU on this machine; use {key}=cpu "
+                            f"(or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"{key}={device!r} but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}); "
+                            f"choose one of those")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}={device!r} but MPS is not available on this machine; use {key}=cpu (or auto)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

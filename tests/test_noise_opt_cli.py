@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flowalign.models.testing import force_hub_offline
-from flowalign.noise_opt.cli import main, parse_rewards, register, slugify
+from flowalign.noise_opt.cli import main, output_name, parse_rewards, register, slugify
 from flowalign.noise_opt.config import load_noise_opt_config
 
 force_hub_offline()
@@ -20,7 +20,8 @@ def test_single_prompt_run_writes_images_and_log(tmp_path, capsys):
     rc = main(["reno", "--prompt", "Two red circles!", "--out", str(out), "optim.iterations=2",
                "generation.num_steps=2", "run.save_every_iteration=true", "run.progress=false"])
     assert rc == 0
-    folder = out / "two_red_circles"
+    folder = out / output_name("Two red circles!")
+    assert folder.name.startswith("two_red_circles_")
     for name in ("initial.png", "best.png", "log.json", "iterations/0000.png", "iterations/0001.png"):
         assert (folder / name).is_file(), name
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
@@ -43,8 +44,9 @@ def test_prompt_file_batch_with_seeds_and_carinox(tmp_path):
                             "run.batch_size=2", "run.progress=false", "optim.reward_views=2"])
     assert ns.func(ns) == 0
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert names == ["0000_a_blue_square_seed0", "0000_a_blue_square_seed1", "0001_a_red_circle_seed0",
-                     "0001_a_red_circle_seed1"]
+    blue, red = output_name("a blue square"), output_name("a/red circle")
+    assert names == [f"0000_{blue}_seed0", f"0000_{blue}_seed1", f"0001_{red}_seed0", f"0001_{red}_seed1"]
+    assert red.startswith("a_red_circle_")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generator_calls_per_prompt"] == 3 and len(summary["results"]) == 4
     assert set(summary["results"][0]["best_rewards"]) == {"pocket_clip", "pocket_clip#2"}
@@ -81,6 +83,13 @@ def test_keys_lists_the_schema(capsys):
 def test_helpers_and_recipes():
     assert slugify("A photo of a cat, on a mat!") == "a_photo_of_a_cat_on_a_mat"
     assert slugify("???") == "prompt" and len(slugify("x" * 200)) == 60
+    # output folder names: safe (no separators, no dot-only names) and unique per prompt
+    prompts = ["/", "..", "../../etc", "???", "a red circle", "A red circle!", "x" * 100, "x" * 99 + "y"]
+    names = [output_name(p) for p in prompts]
+    assert len(set(names)) == len(prompts)
+    for n in names:
+        assert "/" not in n and "\\" not in n and not set(n) <= {"."} and n.replace("_", "").isalnum() and len(n) <= 57
+    assert output_name("a red circle") == output_name("a red circle")  # stable between runs
     assert parse_rewards("hpsv2.1=5, pickscore=0.05,clip") == [
         {"name": "hpsv2.1", "weight": 5.0, "args": {}}, {"name": "pickscore", "weight": 0.05, "args": {}},
         {"name": "clip", "weight": 1.0, "args": {}}]

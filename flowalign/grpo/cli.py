@@ -10,17 +10,14 @@ fresh folder instead). ``--dry-run`` loads everything and prints the start-up su
 
 from __future__ import annotations
 
-import sys
-
 
 def _cmd_train(ns) -> int:
-    from ..config import ConfigError
+    from ..errors import UserError
     from .config import load_config
 
     if "=" in ns.config:
-        print("flowalign train: the first argument is the config file, e.g. "
-              "`flowalign train configs/pocket/flow_grpo.yaml train.lr=1e-4`", file=sys.stderr)
-        return 2
+        raise UserError(f"the first argument {ns.config!r} must be the config file, e.g. "
+                        "`flowalign train configs/pocket/flow_grpo.yaml train.lr=1e-4`")
     overrides = list(ns.overrides)
     if ns.no_resume:
         overrides.append("run.resume=false")
@@ -28,19 +25,12 @@ def _cmd_train(ns) -> int:
     from pathlib import Path
 
     out = Path(cfg.run.output_dir)
-    if not cfg.run.resume and (out / "checkpoints").exists() and any((out / "checkpoints").glob("iter_*")):
-        print(f"flowalign train: {out} already holds checkpoints of another run; resume it (drop --no-resume) "
-              "or choose a new run.output_dir", file=sys.stderr)
-        return 2
+    if not cfg.run.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("iter_*")):
+        raise UserError(f"run.output_dir={str(out)!r} already holds checkpoints of another run; resume it "
+                        "(drop --no-resume) or choose a new run.output_dir")
     from .trainer import GRPOTrainer
 
-    try:
-        trainer = GRPOTrainer(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        print(f"flowalign train: {e}", file=sys.stderr)
-        return 2
+    trainer = GRPOTrainer(cfg)  # checks folder, device, prompts and rewards before loading the model
     if ns.dry_run:
         for k, v in trainer.summary().items():
             print(f"{k}: {v}")

@@ -42,11 +42,14 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, save_config, to_yaml
+from ..errors import UserError, check_output_dir
+from ..io import check_safetensors
 from ..prompts import read_prompts
-from ..rewards.base import needs_groups
+from ..rewards.base import check_prompts, needs_groups
 from ..sampling.policy import SDEPolicy, Units
 from ..sampling.rollout import group_noise
 from ..seeding import seeded_generator
+from ..torch_utils import resolve_device
 from .advantages import multi_reward_advantages
 from .config import Config, Sizes
 from .evaluation import Evaluator
@@ -90,9 +93,13 @@ class GRPOTrainer:
         self.output_dir = Path(cfg.run.output_dir)
         self.prompts = read_prompts(t.prompts)
         self.eval_prompts = read_prompts(cfg.eval.prompts) if cfg.eval.prompts else None
+        self._check_before_loading(policy)
+        self.reward, eval_reward = self._load_rewards(reward, eval_reward)
+        check_prompts(self.reward, self.prompts, f"train.prompts={t.prompts}")
+        if self.eval_prompts is not None and eval_reward is not None:
+            check_prompts(eval_reward, self.eval_prompts, f"eval.prompts={cfg.eval.prompts}")
         self.policy = self._load_policy(policy)
         self.device = self.policy.device
-        self.reward, eval_reward = self._load_rewards(reward, eval_reward)
         self.sde = SDEPolicy.from_config(s, self.policy.sigmas(s.num_steps, s.height, s.width, s.shift))
         self.latent_shape = self.policy.latent_shape(s.height, s.width)
         self.sizes = self._sizes()
@@ -103,6 +110,23 @@ class GRPOTrainer:
             self.evaluator = Evaluator(self.eval_prompts, eval_reward, cfg.eval, s, self.latent_shape,
                                        noise_stream=Stream.EVAL_NOISE, output_dir=self.output_dir)
         self.iteration = 0
+
+    def _check_before_loading(self, policy) -> None:
+        """What can fail without a model, checked before minutes go into loading one: the output folder
+        can be written, the device exists, a LoRA to start from is whole (``UserError`` otherwise)."""
+        from ..models import check_model_files
+
+        check_output_dir(self.output_dir, "run.output_dir")
+        if policy is None:
+            m = self.cfg.model
+            if m.device != "auto":
+                resolve_device(m.device, "model.device")
+            check_model_files(m)
+            if m.lora_init_path is not None:
+                if not Path(m.lora_init_path).expanduser().is_dir():
+                    raise UserError(f"model.lora_init_path={m.lora_init_path!r} is not a folder; give a folder "
+                                    "written by save_adapter() (e.g. runs/x/final/lora)")
+                check_safetensors(m.lora_init_path, "model.lora_init_path")
 
     def _load_policy(self, policy):
         """The given policy, or the configured one (LoRA initialised from the run seed, the same on every

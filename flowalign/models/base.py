@@ -36,6 +36,8 @@ from typing import ClassVar, Iterator
 
 import torch
 
+from flowalign.errors import UserError
+from flowalign.io import check_safetensors
 from flowalign.models.families import ATTENTION_BACKENDS, FAMILIES, TRAIN_MODES
 from flowalign.sampling.steps import ode_step
 from flowalign.torch_utils import resolve_device, resolve_dtype
@@ -109,17 +111,17 @@ def read_model_index(path: str | Path, revision: str | None = None) -> tuple[dic
     if local.is_dir():
         index = local / "model_index.json"
         if not index.is_file():
-            raise ValueError(
+            raise UserError(
                 f"model path {str(path)!r} is a folder but not a diffusers pipeline: it has no model_index.json. "
                 "Point model.path to the folder written by `pipe.save_pretrained(...)` (or to a hub id)."
             )
         return json.loads(index.read_text()), local
     if local.exists():
-        raise ValueError(
+        raise UserError(
             f"model path {str(path)!r} is a file; point model.path to a diffusers pipeline folder or a hub id"
         )
     if not _HUB_ID.match(str(path)):
-        raise ValueError(
+        raise UserError(
             f"model path {str(path)!r} does not exist and is not a hub id ('owner/name'). Point model.path to a "
             "diffusers pipeline folder (one with model_index.json) or to a hub id such as "
             "'stabilityai/stable-diffusion-3.5-medium'."
@@ -129,7 +131,7 @@ def read_model_index(path: str | Path, revision: str | None = None) -> tuple[dic
     try:
         return DiffusionPipeline.load_config(str(path), revision=revision), None
     except OSError as err:  # huggingface_hub's lookup errors are OSErrors
-        raise ValueError(
+        raise UserError(
             f"model path {str(path)!r} is not a local folder, and loading it as a hub id failed: {err}. "
             "Check the spelling, download the model first (HF_HUB_OFFLINE=1 allows only cached models), or "
             "point model.path to a local pipeline folder."
@@ -207,7 +209,7 @@ class Policy:
         self._denoiser_call = None  # a distributed wrapper of the denoiser (see wrap_denoiser)
         if lora_init_path is not None:
             if train_mode == "full":
-                raise ValueError("model.lora_init_path needs train_mode 'lora' (keep training it) or 'none' (frozen)")
+                raise UserError("model.lora_init_path needs train_mode 'lora' (keep training it) or 'none' (frozen)")
             self._load_lora(lora_init_path, trainable=train_mode == "lora")
         elif train_mode == "lora":
             self._add_lora(lora_rank, lora_alpha, list(lora_targets or self.default_lora_targets))
@@ -224,7 +226,7 @@ class Policy:
             import importlib.util
 
             if importlib.util.find_spec("xformers") is None:
-                raise ValueError("model.attention_backend='xformers' but xformers is not installed: "
+                raise UserError("model.attention_backend='xformers' but xformers is not installed: "
                                  "`pip install xformers`, or use attention_backend='sdpa'")
             self.denoiser.set_attention_backend("xformers")
         if compile:
@@ -240,22 +242,24 @@ class Policy:
         if found != expected:
             other = next((fam for fam, name in PIPELINE_CLASSES.items() if name == found), None)
             hint = f" (that is family '{other}': set model.family='{other}')" if other else ""
-            raise ValueError(
+            raise UserError(
                 f"model path {str(path)!r} holds a {found} pipeline{hint}, but model family '{cls.family}' expects a "
                 f"{expected}. Set model.family to match the folder, or point model.path to a {expected} folder."
             )
         for name in cls.required_components:
             if not _present(index.get(name)):
-                raise ValueError(
+                raise UserError(
                     f"model path {str(path)!r} has no '{name}' component in model_index.json; a '{cls.family}' "
                     f"pipeline needs {list(cls.required_components)}"
                     + (f" (optional: {list(cls.optional_components)})" if cls.optional_components else "")
                 )
             if local is not None and not (local / name).is_dir():
-                raise ValueError(
+                raise UserError(
                     f"model path {str(path)!r}: model_index.json lists '{name}' ({index[name][1]}) but the folder "
                     f"{local / name} is missing; re-save the pipeline or copy the component folder"
                 )
+        if local is not None:
+            check_safetensors(local, "model.path")
         import diffusers
 
         absent = {name: None for name in cls.optional_components if not _present(index.get(name))}
@@ -443,7 +447,7 @@ class Policy:
         try:
             self.denoiser.add_adapter(config)
         except ValueError as err:
-            raise ValueError(
+            raise UserError(
                 f"model.lora_targets {targets} match no module of the {self.family} {self.denoiser_name} ({err}); "
                 f"for this family use e.g. {list(self.default_lora_targets)}"
             ) from err
@@ -451,9 +455,10 @@ class Policy:
 
     def _load_lora(self, path: str | Path, trainable: bool) -> None:
         if not Path(path).expanduser().exists():
-            raise ValueError(
+            raise UserError(
                 f"model.lora_init_path {str(path)!r} does not exist; give a folder written by save_adapter()"
             )
+        check_safetensors(Path(path).expanduser(), "model.lora_init_path")
         self.pipe.load_lora_weights(str(Path(path).expanduser()), adapter_name="default")
         for name, p in self.denoiser.named_parameters():
             if "lora_" in name:

@@ -5,8 +5,8 @@
     flowalign reno --prompts prompts/pocket/test.txt run.batch_size=16 search.method=carinox
     flowalign reno --prompt "a cat" --rewards hpsv2.1=5,pickscore=0.05 --seeds 0,1,2 --out runs/cat
 
-Writes, per prompt (and seed), a folder ``<out>/<prompt>`` (``<index>_<prompt>`` for a prompt file,
-``_seed<s>`` appended with several seeds) holding ``initial.png``, ``best.png``, ``log.json``
+Writes, per prompt (and seed), a folder ``<out>/<name>`` (``name``: the prompt's slug and a hash of it,
+``output_name``; ``<index>_<name>`` for a prompt file, ``_seed<s>`` appended with several seeds) holding ``initial.png``, ``best.png``, ``log.json``
 (per-iteration rewards, losses, noise norm) and with ``run.save_every_iteration`` ``iterations/*.png``;
 plus ``<out>/config.yaml`` and ``<out>/summary.json``. ``register(subparsers)`` adds the command to
 the ``flowalign`` parser; ``python -m flowalign.noise_opt.cli ...`` runs it alone.
@@ -15,9 +15,11 @@ the ``flowalign`` parser; ``python -m flowalign.noise_opt.cli ...`` runs it alon
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
-from pathlib import Path
+
+from ..errors import UserError, run_command
 
 PROG = "flowalign reno"
 
@@ -28,6 +30,13 @@ def slugify(prompt: str, max_len: int = 60) -> str:
     return slug or "prompt"
 
 
+def output_name(prompt: str) -> str:
+    """The folder name of a prompt's results: its slug (readable, no path separators or dots) and
+    the first 8 hex digits of the SHA-256 of the full prompt, so prompts that slug alike (``/`` and
+    ``..``, or long prompts that differ after 48 characters) never share a folder."""
+    return f"{slugify(prompt, 48)}_{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
 def parse_rewards(text: str) -> list[dict]:
     """``name[=weight],...`` → reward specs, e.g. ``hpsv2.1=5,pickscore=0.05,clip`` (weight 1 when
     omitted; a name may be a dotted path ``package.module:callable``)."""
@@ -36,12 +45,12 @@ def parse_rewards(text: str) -> list[dict]:
         name, has_weight, weight = part.partition("=")
         name = name.strip()
         if not name:
-            raise ValueError(f"--rewards {text!r} has an entry without a reward name; write name[=weight],... "
+            raise UserError(f"--rewards {text!r} has an entry without a reward name; write name[=weight],... "
                              "e.g. hpsv2.1=5,pickscore=0.05")
         try:
             w = float(weight) if has_weight else 1.0
         except ValueError:
-            raise ValueError(f"--rewards entry {part!r}: weight {weight!r} is not a number; write name=weight, "
+            raise UserError(f"--rewards entry {part!r}: weight {weight!r} is not a number; write name=weight, "
                              "e.g. pickscore=0.05") from None
         specs.append({"name": name, "weight": w, "args": {}})
     return specs
@@ -51,9 +60,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
+        raise UserError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from None
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {text!r} repeats a seed")
+        raise UserError(f"--seeds {text!r} repeats a seed")
     return seeds
 
 
@@ -63,7 +72,7 @@ def _load(ns):
 
     if ns.prompt is not None:
         if not ns.prompt.strip():
-            raise ValueError("--prompt is empty; give the text to generate, e.g. --prompt \"two red circles\"")
+            raise UserError("--prompt is empty; give the text to generate, e.g. --prompt \"two red circles\"")
         prompts, metadata = [ns.prompt.strip()], None
     else:
         from ..prompts import read_prompts
@@ -82,26 +91,34 @@ def _load(ns):
     return cfg, prompts, metadata, seeds
 
 
-def _run(cfg, prompts, metadata, seeds) -> list[dict]:
+def _run(cfg, prompts, metadata, seeds, source: str = "") -> list[dict]:
     import torch
     from omegaconf import OmegaConf
 
+    from ..errors import check_output_dir
     from ..io import atomic_write_json, atomic_write_text, save_image_grid
-    from ..models import load_policy
+    from ..models import check_model_files, load_policy
     from ..rewards import build_rewards
+    from ..rewards.base import check_prompts
+    from ..torch_utils import resolve_device
     from .runner import generator_calls, search_batch
 
+    out = check_output_dir(cfg.run.output_dir, "run.output_dir")
+    if cfg.model.device != "auto":
+        resolve_device(cfg.model.device, "model.device")
+    check_model_files(cfg.model)
     rewards = build_rewards(cfg.rewards)  # before the model: a reward typo fails fast
     if cfg.search.method != "best_of_n":
         bad = [k for k, r in zip(rewards.keys, rewards.rewards) if not r.differentiable]
         if bad:
-            raise ValueError(f"search.method={cfg.search.method} needs differentiable rewards; {bad} is not "
+            raise UserError(f"search.method={cfg.search.method} needs differentiable rewards; {bad} is not "
                              "(use search.method=best_of_n, or differentiable rewards such as clip, hpsv2.1, "
                              "pickscore, imagereward, aesthetic, pocket_clip)")
+    check_prompts(rewards, metadata if metadata is not None else [{"prompt": p} for p in prompts],
+                  "--prompts " + source if metadata is not None else "--prompt")
     model_cfg = cfg.model
     policy = load_policy(model_cfg)
     g, s = cfg.generation, cfg.search
-    out = Path(cfg.run.output_dir)
     calls = generator_calls(cfg)
     print(f"{PROG}: {cfg.model.family} {model_cfg.path} ({cfg.model.dtype}, {policy.device}); "
           f"{g.height}x{g.width}, {g.num_steps} step(s), guidance {g.guidance_scale}; rewards {rewards!r}; "
@@ -117,7 +134,7 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
             meta = None if metadata is None else metadata[start:start + cfg.run.batch_size]
             dirs = []
             for i, p in enumerate(chunk):
-                name = slugify(p) if single else f"{start + i:04d}_{slugify(p)}"
+                name = output_name(p) if single else f"{start + i:04d}_{output_name(p)}"
                 dirs.append(out / (name + (f"_seed{seed}" if len(seeds) > 1 else "")))
 
             def save_iteration(it, images, records, dirs=dirs):
@@ -142,8 +159,6 @@ def _run(cfg, prompts, metadata, seeds) -> list[dict]:
 
 
 def _cmd_reno(ns) -> int:
-    from ..config import ConfigError
-
     if ns.keys:
         from .config import describe_noise_opt
 
@@ -152,12 +167,8 @@ def _cmd_reno(ns) -> int:
         for key, default, help_ in rows:
             print(f"{key:<{width}}  {help_}  [default: {default}]")
         return 0
-    try:
-        cfg, prompts, metadata, seeds = _load(ns)
-        _run(cfg, prompts, metadata, seeds)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    cfg, prompts, metadata, seeds = _load(ns)
+    _run(cfg, prompts, metadata, seeds, source=ns.prompts or "")
     return 0
 
 
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowalign")
     register(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(argv)
-    return ns.func(ns)
+    return run_command(PROG, ns.func, ns)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..seeding import sample_noise
 from .config import GenerationConfig, OptimConfig, split_overrides
 from .reno import optimize_noise
@@ -95,11 +96,11 @@ def best_of_n_batch(
     Candidate 0 is the noise ReNO would start from (``noise`` or seed ``seed``), so the result is
     never worse than the un-optimized image by reward."""
     if num < 1:
-        raise ValueError(f"best_of_n needs num >= 1, got {num}")
+        raise UserError(f"best_of_n needs num >= 1, got {num}")
     scoring = {"reward_views", "view_shift"}
     ignored = sorted(k for k in split_overrides(overrides)[0] if k not in scoring)
     if ignored:
-        raise ValueError(f"best_of_n takes no optimizer options ({', '.join(ignored)}): it only samples and "
+        raise UserError(f"best_of_n takes no optimizer options ({', '.join(ignored)}): it only samples and "
                          f"scores; of OptimConfig's fields only {sorted(scoring)} apply")
     optim, gen = resolve_options(None, gen, overrides)
     prompts = check_prompts(prompts)
@@ -142,9 +143,9 @@ def carinox_batch(
     records_B)`` sees every generator call of both phases with B rows, numbered as in the history.
     """
     if optimize not in ("best", "each"):
-        raise ValueError(f"carinox optimize must be 'best' or 'each', got {optimize!r}")
+        raise UserError(f"carinox optimize must be 'best' or 'each', got {optimize!r}")
     if num_seeds < 1:
-        raise ValueError(f"carinox needs num_seeds >= 1, got {num_seeds}")
+        raise UserError(f"carinox needs num_seeds >= 1, got {num_seeds}")
     optim, gen = resolve_options(optim, gen, overrides)
     prompts = check_prompts(prompts)
     terms = reward_terms(rewards, optim.reward_views, optim.view_shift)

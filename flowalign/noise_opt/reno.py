@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..seeding import sample_noise
 from .config import GenerationConfig, OptimConfig
 from .objective import chi_norm_regularizer, clip_rows, multi_clip_sum, row_norms
@@ -41,7 +42,7 @@ __all__ = [
 def _require_differentiable(terms: list[RewardTerm], method: str) -> None:
     bad = [t.key for t in terms if not getattr(t.reward, "differentiable", False)]
     if bad:
-        raise ValueError(f"{method} optimizes the noise by gradient and needs differentiable rewards; {bad} "
+        raise UserError(f"{method} optimizes the noise by gradient and needs differentiable rewards; {bad} "
                          f"{'is' if len(bad) == 1 else 'are'} not (use best_of_n for those, or rewards like "
                          f"clip, hpsv2.1, pickscore, imagereward, aesthetic, pocket_clip)")
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..seeding import sample_noise
 from .config import GenerationConfig, OptimConfig, split_overrides
 from .objective import loss_ceiling
@@ -103,9 +104,9 @@ def make_generator(policy, gen: GenerationConfig) -> Callable[[torch.Tensor, obj
                                    shift=gen.shift, checkpoint=gen.checkpoint)
         return generate
     if gen.num_steps != 1:
-        raise ValueError(f"{policy.family} is a one-step generator; set num_steps=1 (got {gen.num_steps})")
+        raise UserError(f"{policy.family} is a one-step generator; set num_steps=1 (got {gen.num_steps})")
     if gen.guidance_scale > 1:
-        raise ValueError(f"{policy.family} runs without CFG; set guidance_scale=0 (got {gen.guidance_scale})")
+        raise UserError(f"{policy.family} runs without CFG; set guidance_scale=0 (got {gen.guidance_scale})")
     return policy.generate
 
 

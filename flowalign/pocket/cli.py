@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from ..errors import UserError, check_output_dir, run_command
 from ..io import atomic_write_bytes
 
 
@@ -23,13 +24,9 @@ def _cmd_render(ns) -> int:
     from .render import render_scene, to_pil
 
     if ns.scale < 1:
-        print(f"flowalign pocket render: --scale must be 1 or more, got {ns.scale}", file=sys.stderr)
-        return 2
-    try:
-        image, scene = render_scene(ns.prompt, seed=ns.seed, size=ns.size)
-    except ValueError as e:
-        print(f"flowalign pocket render: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--scale must be 1 or more, got {ns.scale}")
+    check_output_dir(os.path.dirname(ns.out) or ".", "--out")
+    image, scene = render_scene(ns.prompt, seed=ns.seed, size=ns.size)
     buf = io.BytesIO()
     to_pil(image, ns.scale).save(buf, format="PNG")
     atomic_write_bytes(ns.out, buf.getvalue())
@@ -38,16 +35,27 @@ def _cmd_render(ns) -> int:
 
 
 def _cmd_eval(ns) -> int:
+    from ..io import check_safetensors
     from .evaluate import format_report
+    from .prompts import load_prompt_file
     from .sample import evaluate_model, load_pocket_policy
 
-    try:
-        policy = load_pocket_policy(ns.model, **({"lora_init_path": ns.lora} if ns.lora else {}))
-        report = evaluate_model(policy, ns.prompts, seed=ns.seed, num_steps=ns.steps, guidance_scale=ns.guidance,
-                                limit_per_category=ns.limit_per_category, out_dir=ns.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"flowalign pocket eval: {e}", file=sys.stderr)
-        return 2
+    # everything that can fail without the model, before loading it
+    for flag, value, low in (("--steps", ns.steps, 1), ("--limit-per-category", ns.limit_per_category, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be {low} or more, got {value}")
+    if not ns.guidance >= 0:
+        raise UserError(f"--guidance must be a number >= 0, got {ns.guidance}")
+    check_output_dir(ns.out, "--out")
+    load_prompt_file(ns.prompts)
+    if ns.lora:
+        if not os.path.isdir(ns.lora):
+            raise UserError(f"--lora {ns.lora!r} is not a folder; give a LoRA folder such as "
+                            "runs/pocket_flow_grpo/final/lora")
+        check_safetensors(ns.lora, "--lora")
+    policy = load_pocket_policy(ns.model, **({"lora_init_path": ns.lora} if ns.lora else {}))
+    report = evaluate_model(policy, ns.prompts, seed=ns.seed, num_steps=ns.steps, guidance_scale=ns.guidance,
+                            limit_per_category=ns.limit_per_category, out_dir=ns.out)
     print(f"{report['images']} images from {ns.prompts} ({ns.steps} ODE steps, CFG {ns.guidance}, seed {ns.seed}, "
           f"{report['sample_seconds']} s sampling)")
     print(format_report(report["gold"]))
@@ -58,19 +66,24 @@ def _cmd_eval(ns) -> int:
 def _cmd_build(ns) -> int:
     from .build import BuildConfig, BuildStopped, build
     from .evaluate import format_report
+    from .prompts import load_prompt_file
 
     try:
         cfg = BuildConfig.preset(ns.preset, quick=ns.quick)
         overrides = [f"seed={ns.seed}"] + ([f"captions={ns.captions}"] if ns.captions else []) + list(ns.set)
         cfg = cfg.with_overrides(overrides)
-        if ns.snapshot:
-            return _snapshot(ns, cfg)
+    except ValueError as e:  # the build settings' own checks (flowalign/pocket/build.py)
+        raise UserError(f"{e}") from None
+    check_output_dir(ns.out, "--out")
+    if ns.work is not None:
+        check_output_dir(ns.work, "--work")
+    load_prompt_file(ns.prompts)
+    if ns.snapshot:
+        return _snapshot(ns, cfg)
+    try:
         report = build(ns.out, cfg, work_dir=ns.work, test_prompts=ns.prompts,
                        max_seconds=None if ns.max_minutes is None else 60 * ns.max_minutes, sweep=ns.sweep,
                        threads=ns.threads or os.cpu_count() or 1)
-    except ValueError as e:
-        print(f"flowalign pocket build: {e}", file=sys.stderr)
-        return 2
     except BuildStopped as e:
         print(f"flowalign pocket build: {e}; its state is saved, run the same command again to resume")
         return 3
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowalign")
     register(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(argv)
-    return ns.func(ns)
+    return run_command(f"flowalign pocket {ns.pocket_command}", ns.func, ns)
 
 
 if __name__ == "__main__":

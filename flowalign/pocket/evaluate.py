@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .grammar import CATEGORIES, COLORS, PromptSpec, parse_prompt
 from .render import PALETTE
 
@@ -351,9 +352,21 @@ class PocketGold:
 
     def __init__(self, score: str = "partial", cfg: GoldThresholds = GoldThresholds()):
         if score not in ("partial", "strict", "exact"):
-            raise ValueError(f"unknown pocket gold score {score!r}; use 'partial', 'strict' or 'exact'")
+            raise UserError(f"unknown pocket gold score {score!r}; use 'partial', 'strict' or 'exact'")
         self.score = score
         self.cfg = cfg
+
+    def check_prompts(self, prompts: list[str], metadata: list[dict] | None = None) -> None:
+        """ValueError naming the first prompt outside the pocket grammar (with no valid ``spec``)."""
+        metas = metadata if metadata is not None else [{}] * len(prompts)
+        for i, (p, m) in enumerate(zip(prompts, metas)):
+            try:
+                PromptSpec.from_dict(m["spec"]) if "spec" in m else parse_prompt(p)
+            except ValueError as e:  # the parser's message names the prompt and the word that does not fit
+                raise ValueError(f"prompt {i + 1}: {e}; the pocket prompt files are prompts/pocket/*") from None
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"prompt {i + 1} {p!r}: its 'spec' is not a pocket scene spec ({e!r}); the pocket "
+                                 "prompt files are prompts/pocket/*") from None
 
     def __call__(self, images_BCHW01, prompts: list[str], metadata: list[dict] | None = None):
         import torch

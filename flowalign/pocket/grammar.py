@@ -42,6 +42,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
@@ -78,11 +80,11 @@ class ObjectPhrase:
 
     def __post_init__(self):
         if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; pocket shapes are {', '.join(SHAPES)}")
+            raise UserError(f"unknown shape {self.shape!r}; pocket shapes are {', '.join(SHAPES)}")
         if self.color is not None and self.color not in COLORS:
-            raise ValueError(f"unknown color {self.color!r}; pocket colors are {', '.join(COLORS)}")
+            raise UserError(f"unknown color {self.color!r}; pocket colors are {', '.join(COLORS)}")
         if not 1 <= self.count <= MAX_OBJECTS:
-            raise ValueError(f"count {self.count} out of range; pocket counts are 1 to {MAX_OBJECTS}")
+            raise UserError(f"count {self.count} out of range; pocket counts are 1 to {MAX_OBJECTS}")
 
     def matches(self, shape: str | None, color: str | None) -> bool:
         return shape == self.shape and (self.color is None or color == self.color)
@@ -103,18 +105,18 @@ class PromptSpec:
 
     def __post_init__(self):
         if not 1 <= len(self.objects) <= 2:
-            raise ValueError(f"a pocket prompt names one or two object phrases, got {len(self.objects)}")
+            raise UserError(f"a pocket prompt names one or two object phrases, got {len(self.objects)}")
         if self.relation is not None:
             if self.relation not in RELATIONS:
-                raise ValueError(f"unknown relation {self.relation!r}; pocket relations are {', '.join(RELATIONS)}")
+                raise UserError(f"unknown relation {self.relation!r}; pocket relations are {', '.join(RELATIONS)}")
             if len(self.objects) != 2 or any(o.count != 1 for o in self.objects):
-                raise ValueError("a relation joins exactly two single objects ('a red circle above a square')")
+                raise UserError("a relation joins exactly two single objects ('a red circle above a square')")
         if self.total_objects > MAX_OBJECTS:
-            raise ValueError(
+            raise UserError(
                 f"the prompt asks for {self.total_objects} objects; a pocket scene holds at most {MAX_OBJECTS}"
             )
         if len(self.objects) == 2 and self.objects[0] == self.objects[1]:
-            raise ValueError(
+            raise UserError(
                 f"both phrases are the same ({spec_phrase(self.objects[0])!r}); "
                 f"say it once with a count instead, e.g. 'two {self.objects[0].shape}s'"
             )
@@ -183,15 +185,15 @@ def _describe_expected(kind: str) -> str:
 def parse_prompt(text: str) -> PromptSpec:
     """Parse a sentence of the pocket grammar (see module docstring) into a :class:`PromptSpec`.
 
-    Raises ``ValueError`` naming the word that does not fit and what was expected there.
+    Raises ``UserError`` (a ValueError) naming the word that does not fit and what was expected there.
     """
     words = text.strip().lower().rstrip(".").split()
     if words[:3] == ["a", "photo", "of"]:
         words = words[3:]
 
-    def fail(i: int, expected: str) -> ValueError:
+    def fail(i: int, expected: str) -> UserError:
         got = f"word {i + 1} {words[i]!r}" if i < len(words) else "the end of the prompt"
-        return ValueError(f"cannot parse pocket prompt {text!r}: got {got}, expected {_describe_expected(expected)}")
+        return UserError(f"cannot parse pocket prompt {text!r}: got {got}, expected {_describe_expected(expected)}")
 
     def phrase(i: int) -> tuple[ObjectPhrase, int]:
         if i >= len(words) or words[i] not in _COUNT_WORDS:
@@ -212,7 +214,7 @@ def parse_prompt(text: str) -> PromptSpec:
         if w in SHAPES or w in _PLURALS:
             want = w if w in SHAPES else _PLURALS[w]
             form = f"the plural {want + 's'!r}" if count > 1 else f"the singular {want!r}"
-            raise ValueError(f"cannot parse pocket prompt {text!r}: after {words[i - 1 - (color is not None)]!r} "
+            raise UserError(f"cannot parse pocket prompt {text!r}: after {words[i - 1 - (color is not None)]!r} "
                              f"write {form}")
         raise fail(i, "shape" if color else "color_or_shape")
 
@@ -222,14 +224,14 @@ def parse_prompt(text: str) -> PromptSpec:
     if words[i] == "and":
         second, j = phrase(i + 1)
         if j != len(words):
-            raise ValueError(f"cannot parse pocket prompt {text!r}: unexpected {' '.join(words[j:])!r} after the "
+            raise UserError(f"cannot parse pocket prompt {text!r}: unexpected {' '.join(words[j:])!r} after the "
                              "second object; a pocket prompt names at most two object phrases")
         return PromptSpec((first, second))
     for rel_words, relation in _RELATION_WORDS:
         if tuple(words[i:i + len(rel_words)]) == rel_words:
             second, j = phrase(i + len(rel_words))
             if j != len(words):
-                raise ValueError(f"cannot parse pocket prompt {text!r}: unexpected {' '.join(words[j:])!r} after "
+                raise UserError(f"cannot parse pocket prompt {text!r}: unexpected {' '.join(words[j:])!r} after "
                                  "the second object")
             return PromptSpec((first, second), relation)
     raise fail(i, "joiner")

@@ -213,7 +213,13 @@ def load_prompt_file(path: str | os.PathLike) -> list[dict]:
 
 def _with_spec(row: dict) -> dict:
     if "spec" in row:
-        return {**row, "spec": PromptSpec.from_dict(row["spec"]).to_dict()}
+        spec = row["spec"]
+        try:
+            return {**row, "spec": PromptSpec.from_dict(spec).to_dict()}
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"'spec' {json.dumps(spec)[:80]} is not a pocket scene spec; write it as "
+                             '{"objects": [{"shape": "circle", "color": "red", "count": 2}], "relation": null}, '
+                             "or leave 'spec' out to parse the prompt") from None
     return {**_row(parse_prompt(row["prompt"])), **{k: v for k, v in row.items() if k != "prompt"}}
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .grammar import COLORS, MAX_OBJECTS, SHAPES, PromptSpec, parse_prompt
 
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -202,7 +203,7 @@ def render_batch(
     Scene ``i`` depends only on (prompt ``i``, ``seed``, ``i``, ``size``), never on the rest of the batch.
     """
     if size < 24:
-        raise ValueError(f"size {size} is too small for the pocket world: shapes stop being recognisable; "
+        raise UserError(f"size {size} is too small for the pocket world: shapes stop being recognisable; "
                          "use 24 or more (default 32)")
     specs = [_as_spec(p) for p in prompts]
     layouts = [sample_layout(spec, np.random.default_rng([seed, i]), size) for i, spec in enumerate(specs)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from . import transforms as T
 from .base import LinearMLPHead, freeze, resolve_device, resolve_dtype, resolve_file
 
@@ -66,7 +67,7 @@ def aesthetic(
     finally:
         hf_logging.set_verbosity(verbosity)
     if loading["missing_keys"] or loading["mismatched_keys"]:
-        raise ValueError(f"{clip_model} is not a CLIP checkpoint with a vision tower and projection: missing "
+        raise UserError(f"{clip_model} is not a CLIP checkpoint with a vision tower and projection: missing "
                          f"{sorted(loading['missing_keys'])[:5]}, mismatched {list(loading['mismatched_keys'])[:5]}")
     vision = freeze(vision.to(device=dev, dtype=dt))
     state = torch.load(resolve_file(weights, weights_filename), map_location="cpu", weights_only=True)

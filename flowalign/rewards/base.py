@@ -3,7 +3,8 @@
 A reward is a plain callable ``reward(images_BCHW, prompts, metadata) -> (scores_B, info)`` with
 two attributes, ``name`` and ``differentiable`` (ddpo-pytorch ``rewards.py`` style), and optionally
 ``needs_groups = True`` when an image's score depends on the other images of its prompt group
-(win rates; see ``needs_groups``). Images are
+(win rates; see ``needs_groups``) and ``check_prompts(prompts, metadata)`` when it can score only
+some prompts (it raises ValueError for the first it cannot; see ``check_prompts``). Images are
 float tensors in [0, 1]; every reward does its preprocessing in torch on that tensor, so a
 differentiable reward passes gradients back to the pixels (noise optimization) and the same code
 scores rollouts under ``torch.no_grad()`` (GRPO).
@@ -17,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..torch_utils import resolve_device, resolve_dtype  # noqa: F401 (re-exported for the reward files)
 
 
@@ -40,6 +42,23 @@ def needs_groups(reward) -> bool:
     attribute; absent means no): a trainer then keeps whole groups together, and such a reward
     cannot score evaluation images, which come without groups."""
     return bool(getattr(reward, "needs_groups", False))
+
+
+def check_prompts(reward, rows: list[dict], source: str) -> None:
+    """Before any image is made: every prompt row (``{"prompt", **metadata}``) of ``source`` (a file
+    name or option) can be scored by ``reward`` (a ``MultiReward``'s parts are asked one by one, through
+    their optional ``check_prompts``); ``UserError`` naming the source, the reward and the prompt."""
+    parts = reward.rewards if isinstance(reward, MultiReward) else [reward]
+    prompts, metadata = [r["prompt"] for r in rows], [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
+    for part in parts:
+        check = getattr(part, "check_prompts", None)
+        if check is None:
+            continue
+        try:
+            check(prompts, metadata)
+        except ValueError as e:
+            raise UserError(f"{source}: reward {part.name} cannot score {e}; give prompts it can score or "
+                            "choose another reward") from None
 
 
 class MultiReward:
@@ -139,14 +158,14 @@ def resolve_file(path_or_repo: str, filename: str) -> str:
     if os.path.isdir(path_or_repo):
         path = os.path.join(path_or_repo, filename)
         if not os.path.isfile(path):
-            raise ValueError(f"{path_or_repo} is a folder without {filename}; pass the file's path instead")
+            raise UserError(f"{path_or_repo} is a folder without {filename}; pass the file's path instead")
         return path
     from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(path_or_repo, filename)
     except Exception as err:  # offline, unknown repo, missing file: all the same fix for the user
-        raise ValueError(
+        raise UserError(
             f"{path_or_repo!r} is not a local file or folder, and downloading {filename!r} from the hub "
             f"repo {path_or_repo!r} failed ({type(err).__name__}: {err}). Download it where the hub is "
             f"reachable and pass the local path."

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from . import transforms as T
 from .base import freeze, resolve_device, resolve_dtype, resolve_file
 
@@ -55,7 +56,7 @@ def _open_clip_preprocess(model) -> Callable:
     size = cfg["size"]
     size_hw = (size, size) if isinstance(size, int) else tuple(size)
     if cfg.get("interpolation", "bicubic") != "bicubic":
-        raise ValueError(f"open_clip interpolation {cfg['interpolation']!r} is not supported; flowalign "
+        raise UserError(f"open_clip interpolation {cfg['interpolation']!r} is not supported; flowalign "
                          f"reproduces the bicubic transform only")
     mode = cfg.get("resize_mode", "shortest")
     if mode == "shortest" and size_hw[0] == size_hw[1]:
@@ -65,7 +66,7 @@ def _open_clip_preprocess(model) -> Callable:
         def preprocess(x):
             return T.normalize(T.resize(x, size_hw), cfg["mean"], cfg["std"])
     else:
-        raise ValueError(f"open_clip resize_mode {mode!r} with size {size} is not supported "
+        raise UserError(f"open_clip resize_mode {mode!r} with size {size} is not supported "
                          f"(supported: 'shortest' with a square size, 'squash')")
     return preprocess
 
@@ -122,7 +123,7 @@ def hps(
     import open_clip
 
     if version not in HPS_FILES:
-        raise ValueError(f"unknown HPS version {version!r}; use one of {sorted(HPS_FILES)}")
+        raise UserError(f"unknown HPS version {version!r}; use one of {sorted(HPS_FILES)}")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = resolve_file(checkpoint, HPS_FILES[version])
     # The HPS checkpoint holds every weight, so the LAION weights HPSv2 loads first are not needed.

@@ -23,6 +23,7 @@ import re
 
 import torch
 
+from ..errors import UserError
 from . import transforms as T
 from .base import LinearMLPHead, freeze, resolve_device, resolve_dtype, resolve_file
 
@@ -57,7 +58,7 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict
                     vision[new] = value
                     break
             else:
-                raise ValueError(f"unexpected ImageReward vision key {key!r}; is this an ImageReward checkpoint?")
+                raise UserError(f"unexpected ImageReward vision key {key!r}; is this an ImageReward checkpoint?")
         elif key.startswith("blip.text_encoder."):
             k = key[len("blip.text_encoder."):]
             if not k.endswith("position_ids"):  # a buffer, rebuilt by the model
@@ -65,9 +66,9 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict
         elif key.startswith("mlp."):
             mlp[key[len("mlp."):]] = value
         elif not key.startswith(_UNUSED_PREFIXES):
-            raise ValueError(f"unexpected ImageReward checkpoint key {key!r}; is this an ImageReward checkpoint?")
+            raise UserError(f"unexpected ImageReward checkpoint key {key!r}; is this an ImageReward checkpoint?")
     if not vision or not text or not mlp:
-        raise ValueError("the checkpoint lacks the blip.visual_encoder / blip.text_encoder / mlp weights "
+        raise UserError("the checkpoint lacks the blip.visual_encoder / blip.text_encoder / mlp weights "
                          "of ImageReward")
     return vision, text, mlp
 
@@ -173,7 +174,7 @@ def imagereward(
     missing, unexpected = text.load_state_dict(text_sd, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise ValueError(f"ImageReward text encoder: missing keys {missing}, unexpected keys {unexpected}")
+        raise UserError(f"ImageReward text encoder: missing keys {missing}, unexpected keys {unexpected}")
     mlp = LinearMLPHead(text.config.hidden_size)
     mlp.load_state_dict(mlp_sd, strict=True)
     vision, text = (freeze(m.to(device=dev, dtype=dt)) for m in (vision, text))

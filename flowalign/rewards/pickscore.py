@@ -8,8 +8,12 @@ shortest side to ``size`` (bicubic), center crop, normalize with the processor's
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..errors import UserError
+from ..io import check_safetensors
 from . import transforms as T
 from .base import freeze, resolve_device, resolve_dtype
 
@@ -70,10 +74,12 @@ def load_hf_clip(model: str, processor: str, device: str | None, dtype: str):
     from transformers import AutoProcessor, CLIPModel
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if os.path.isdir(model):
+        check_safetensors(model, f"reward model {model}")
     proc = AutoProcessor.from_pretrained(processor)
     clip_model, loading = CLIPModel.from_pretrained(model, output_loading_info=True)
     if loading["missing_keys"] or loading["mismatched_keys"]:
-        raise ValueError(f"{model} is not a CLIPModel checkpoint: missing {sorted(loading['missing_keys'])[:5]}, "
+        raise UserError(f"{model} is not a CLIPModel checkpoint: missing {sorted(loading['missing_keys'])[:5]}, "
                          f"mismatched {list(loading['mismatched_keys'])[:5]}")
     clip_model = freeze(clip_model.to(device=dev, dtype=dt))
     max_length = min(proc.tokenizer.model_max_length, 77)  # CLIP text towers have 77 positions at most

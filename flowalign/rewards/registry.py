@@ -14,6 +14,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterable, Mapping
 
+from ..errors import UserError
 from . import aesthetic, clip, distributional, geneval, imagereward, jpeg, pickscore, pocket, vlm
 from .base import MultiReward, Reward
 from .pairwise import FromPointwiseJudge, PairwiseJudge, WinRateReward
@@ -68,13 +69,13 @@ def _resolve(name: str, table: Mapping[str, Callable], kind: str) -> Callable:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"{kind} {name!r}: cannot import module {module_name!r} ({err})") from err
+            raise UserError(f"{kind} {name!r}: cannot import module {module_name!r} ({err})") from err
         if not hasattr(module, attr):
-            raise ValueError(f"{kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
+            raise UserError(f"{kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
         return getattr(module, attr)
     close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(sorted(table))}, "
+    raise UserError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(sorted(table))}, "
                      f"or a dotted path 'package.module:callable'.")
 
 
@@ -83,7 +84,7 @@ def _call(factory: Callable, name: str, kind: str, args: dict[str, Any]):
         inspect.signature(factory).bind(**args)
     except TypeError as err:
         params = [p for p in inspect.signature(factory).parameters if p not in ("args", "kwargs")]
-        raise ValueError(f"{kind} {name!r}: {err}; its arguments are {params}") from err
+        raise UserError(f"{kind} {name!r}: {err}; its arguments are {params}") from err
     return factory(**args)
 
 
@@ -92,7 +93,7 @@ def build_reward(name: str, **args: Any) -> Reward:
     reward = _call(_resolve(name, REWARDS, "reward"), name, "reward", args)
     for attr in ("name", "differentiable"):
         if not hasattr(reward, attr):
-            raise ValueError(f"reward {name!r} built an object without the attribute {attr!r}; a reward "
+            raise UserError(f"reward {name!r} built an object without the attribute {attr!r}; a reward "
                              f"needs __call__(images, prompts, metadata), name and differentiable")
     return reward
 
@@ -101,7 +102,7 @@ def build_judge(name: str, **args: Any) -> PairwiseJudge:
     """A pairwise judge from its registered name (``JUDGES``) or dotted path."""
     judge = _call(_resolve(name, JUDGES, "judge"), name, "judge", args)
     if not (hasattr(judge, "prefer") and hasattr(judge, "name")):
-        raise ValueError(f"judge {name!r} built an object without prefer(prompts, images_a, images_b) and name")
+        raise UserError(f"judge {name!r} built an object without prefer(prompts, images_a, images_b) and name")
     return judge
 
 
@@ -116,15 +117,15 @@ def build_rewards(specs: Iterable[Any]) -> MultiReward:
         if isinstance(spec, Mapping):
             unknown = set(spec) - set(_SPEC_KEYS)
             if unknown:
-                raise ValueError(f"rewards[{i}]: unknown key(s) {sorted(unknown)}; a reward spec has {list(_SPEC_KEYS)}")
+                raise UserError(f"rewards[{i}]: unknown key(s) {sorted(unknown)}; a reward spec has {list(_SPEC_KEYS)}")
             if "name" not in spec:
-                raise ValueError(f"rewards[{i}]: missing 'name'")
+                raise UserError(f"rewards[{i}]: missing 'name'")
             name, weight, args = spec["name"], spec.get("weight", 1.0), spec.get("args") or {}
         else:
             name, weight, args = spec.name, spec.weight, spec.args or {}
         if not isinstance(args, Mapping):
-            raise ValueError(f"rewards[{i}] ({name}): args must be a mapping, got {type(args).__name__}")
+            raise UserError(f"rewards[{i}] ({name}): args must be a mapping, got {type(args).__name__}")
         parts.append((build_reward(name, **dict(args)), float(weight)))
     if not parts:
-        raise ValueError("no reward specs given; give at least one, e.g. [{'name': 'clip'}]")
+        raise UserError("no reward specs given; give at least one, e.g. [{'name': 'clip'}]")
     return MultiReward(parts)

@@ -6,7 +6,10 @@ Pref-GRPO path (win rates from a VLM judge over HTTP) runs on one machine withou
 - two images -> pairwise: the local reward scores both, the reply is UnifiedReward-Think shaped,
   ``<think>...</think><answer>Image 1 is better</answer>`` (Image 1 on an exact tie);
 - one image -> pointwise: ``Alignment/Coherence/Style Score (1-5): <score>`` with the local
-  reward's raw score (not rescaled to 1–5).
+  reward's raw score (not rescaled to 1–5);
+- one image with UniGenBench's request (a ``<checkpoint>`` list) -> ``<score>[...]</score>``, every
+  test point 1 when the local reward's score is at least 0.5, else 0
+  (``flowalign.eval.unigenbench.answer_from_score``).
 
 The prompt is read back from the template (``「...」`` pairwise, ``Text Caption: [...]`` pointwise),
 else the whole text is used. ``GET /v1/models`` lists the one model. Faults can be injected for
@@ -36,6 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from ..eval import unigenbench
 from .vlm import PAIRWISE_PROMPT_RE, POINTWISE_PROMPT_RE, decode_data_url
 
 HOST = "127.0.0.1"
@@ -156,7 +160,8 @@ class JudgeHandler(BaseHTTPRequestHandler):
         if fault == "timeout":
             time.sleep(self.server.timeout_sleep)
 
-        pattern = PAIRWISE_PROMPT_RE if len(images) == 2 else POINTWISE_PROMPT_RE
+        unigen = len(images) == 1 and unigenbench.is_request(text)  # UniGenBench: one verdict per test point
+        pattern = PAIRWISE_PROMPT_RE if len(images) == 2 or unigen else POINTWISE_PROMPT_RE
         m = pattern.search(text)
         prompt = m.group(1) if m else text
         try:
@@ -166,7 +171,10 @@ class JudgeHandler(BaseHTTPRequestHandler):
                 scores = self.server.score(images, prompt)
         except Exception as err:  # the local judge's fault is the client's server error, not a crash
             return self._error(500, f"local judge failed: {type(err).__name__}: {err}")
-        answer = pairwise_answer(*scores) if len(images) == 2 else pointwise_answer(scores[0])
+        if unigen:
+            answer = unigenbench.answer_from_score(text, scores[0])
+        else:
+            answer = pairwise_answer(*scores) if len(images) == 2 else pointwise_answer(scores[0])
         if fault == "malformed":
             answer = "I am not able to compare these images."
         self._send(200, {
