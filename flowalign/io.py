@@ -49,9 +49,31 @@ def atomic_dir(final: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    if fsync:  # the rename itself is an entry of the parent folder
+        _fsync_dir(final.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp folders ``atomic_dir`` left in ``folder`` when a write was killed
+    (``.<name>.partial``) → the removed paths. Call it only where no write is in progress."""
+    removed = []
+    for tmp in sorted(Path(folder).glob(".*.partial")):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def check_safetensors(path: str | os.PathLike, key: str = "model") -> None:

@@ -11,6 +11,7 @@ import yaml
 
 from flowalign.config import load_config
 from flowalign.grpo.logging import read_metrics
+from flowalign.grpo.state import TrainingStopped
 from flowalign.grpo.trainer import GRPOTrainer
 from flowalign.models.testing import MAX_SEQUENCE_LENGTH, force_hub_offline, tiny_pipeline_dir
 
@@ -33,7 +34,7 @@ def tiny_config(tmp_path: Path, out: str = "run", **sections) -> object:
         "run": {"output_dir": str(tmp_path / out), "tracker": "none", "progress": False, "save_every": 1},
     }
     for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return load_config(path)
@@ -68,3 +69,164 @@ def test_stopped_and_resumed_run_is_bit_identical_with_the_embedding_cache(tmp_p
     wa, wb = _final_lora(tmp_path / "straight"), _final_lora(tmp_path / "stopped")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(r["train/optimizer_steps"] > 0 for r in a)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite
+class _NanAfter:
+    """Gold-free test reward: noise-level scores, NaN for every image from call ``after`` on."""
+
+    name, differentiable = "nan_after", False
+
+    def __init__(self, after: int):
+        self.after, self.calls = after, 0
+
+    def __call__(self, images, prompts, metadata=None):
+        self.calls += 1
+        scores = images.flatten(1).std(1)
+        return (torch.full_like(scores, float("nan")) if self.calls >= self.after else scores), {}
+
+
+def nan_after(after: int = 3):
+    return _NanAfter(after)
+
+
+def _finite_files(folder: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for f in folder.rglob("*.safetensors") for t in load_file(str(f)).values())
+
+
+def test_a_reward_returning_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, rewards=[{"name": "test_grpo_guards:nan_after", "args": {"after": 3}}],
+                      run={"keep_checkpoints": 5})
+    trainer = _quiet(cfg)
+    with pytest.raises(TrainingStopped) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "stopped at iteration 3" in message and "reward nan_after returned 8 non-finite scores" in message
+    assert "checkpoints/iter_000002" in message
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["iter_000001", "iter_000002"]
+    assert _finite_files(run / "checkpoints")
+    assert [r["iteration"] for r in read_metrics(run)] == [1, 2]
+
+
+@pytest.mark.parametrize("lr", [1e30, float("inf")])
+def test_a_huge_learning_rate_stops_the_run_before_anything_non_finite_is_written(tmp_path, lr):
+    trainer = _quiet(tiny_config(tmp_path, train={"ema": False}))
+    trainer.cfg.train.lr = lr  # past config validation, as a notebook could
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    with pytest.raises(TrainingStopped, match=r"stopped at iteration \d: .*(not finite|gradient norm)") as err:
+        trainer.train()
+    assert "lower train.lr" in str(err.value)
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert not (run / "checkpoints").exists() or _finite_files(run / "checkpoints")
+
+
+def test_save_and_export_refuse_non_finite_weights(tmp_path):
+    trainer = _quiet(tiny_config(tmp_path))
+    with torch.no_grad():
+        trainer.params[0][0, 0] = float("nan")
+    with pytest.raises(TrainingStopped, match=r"refusing to write checkpoint iter_000001: .*lora.* is not finite"):
+        trainer.state.save(1)
+    trainer.state.ema = None
+    with pytest.raises(TrainingStopped, match="refusing to export .*final/lora"):
+        trainer.state.export(trainer.policy)
+    assert not (tmp_path / "run/checkpoints/iter_000001").exists() and not (tmp_path / "run/final").exists()
+    assert not list((tmp_path / "run").rglob("*.partial"))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """A finished 3-iteration run with a checkpoint after every iteration (copied per test)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    with torch.inference_mode(False):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        _quiet(tiny_config(tmp, train={"num_iterations": 3}, run={"keep_checkpoints": 3})).train()
+        torch.set_num_threads(threads)
+    return tmp
+
+
+def _copy_run(src: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src / "run", tmp_path / "run")
+    return tmp_path / "run/checkpoints"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "trainable.safetensors": _truncate,
+    "optimizer.pt": _truncate,
+    "rng.pt": _truncate,
+    "state.json": lambda p: p.write_text('{"iteration": 3, "files": '),
+    "ema.safetensors": lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\x00"),  # same size, other bytes
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, three_checkpoints, name, capsys):
+    ckpts = _copy_run(three_checkpoints, tmp_path)
+    DAMAGE[name](ckpts / "iter_000003" / name)
+    trainer = _quiet(tiny_config(tmp_path, train={"num_iterations": 3}, run={"keep_checkpoints": 3}))
+    assert trainer._resume() == 2
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "damaged" in line)
+    assert f"checkpoint {ckpts / 'iter_000003'} is damaged ({name}" in line
+    assert f"resuming from {ckpts / 'iter_000002'} instead" in line
+
+
+def test_resume_past_a_damaged_checkpoint_and_a_killed_write_matches_the_uninterrupted_run(
+        tmp_path, three_checkpoints, capsys):
+    ckpts = _copy_run(three_checkpoints, tmp_path)
+    straight = _final_lora(tmp_path / "run")
+    _truncate(ckpts / "iter_000003/trainable.safetensors")
+    stale = ckpts / ".iter_000004.partial"  # what a SIGKILL inside a checkpoint write leaves
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"half")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run/final")
+    trainer = _quiet(tiny_config(tmp_path, train={"num_iterations": 3}, run={"keep_checkpoints": 3}))
+    trainer.train()
+    assert not stale.exists()
+    assert f"removed {stale}" in capsys.readouterr().err
+    resumed = _final_lora(tmp_path / "run")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    from flowalign.grpo.state import verify_checkpoint
+
+    assert verify_checkpoint(ckpts / "iter_000003") is None  # rewritten whole
+
+
+def test_only_damaged_checkpoints_stop_the_resume_with_their_names(tmp_path, three_checkpoints):
+    ckpts = _copy_run(three_checkpoints, tmp_path)
+    for d in ckpts.iterdir():
+        _truncate(d / "rng.pt")
+    with pytest.raises(TrainingStopped, match=r"no intact checkpoint in .*iter_000003: rng.pt is \d+ bytes"):
+        _quiet(tiny_config(tmp_path, train={"num_iterations": 3}, run={"keep_checkpoints": 3})).train()
+
+
+def test_resuming_with_another_lora_rank_names_the_key(tmp_path, three_checkpoints):
+    _copy_run(three_checkpoints, tmp_path)
+    trainer = _quiet(tiny_config(tmp_path, model={"lora_rank": 8}, train={"num_iterations": 4}))
+    with pytest.raises(TrainingStopped) as err:
+        trainer.train()
+    assert "written with model.lora_rank=4, this run has model.lora_rank=8" in str(err.value)
+    assert "\n" not in str(err.value)
+    # an older checkpoint without recorded settings: the shapes still give the reason, not a RuntimeError
+    state = tmp_path / "run/checkpoints/iter_000003/state.json"
+    data = json.loads(state.read_text())
+    del data["settings"], data["files"]
+    state.write_text(json.dumps(data))
+    with pytest.raises(TrainingStopped, match=r"of shape \(4, \d+\), this model's is \(8, \d+\).*model.lora_rank"):
+        _quiet(tiny_config(tmp_path, model={"lora_rank": 8}, train={"num_iterations": 4})).train()

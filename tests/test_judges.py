@@ -59,7 +59,8 @@ def test_brighter_judge_gives_exact_rates_with_interleaved_groups():
     # g0 = 0.1, 0.4, 0.2, 0.9 -> beaten by 3, 1, 2, 0 others; g1 = 0.8, 0.6, 0.7, 0.5
     expected = torch.tensor([0, 3, 2, 1, 1, 2, 3, 0]) / 3
     assert torch.allclose(rates, expected)
-    assert info == {"comparisons": 12, "failures": 0, "failure_rate": 0.0, "groups": 2, "singletons": 0}
+    assert info == {"comparisons": 12, "requests": 12, "failures": 0, "ties_from_failures": 0, "failure_rate": 0.0,
+                    "groups": 2, "singletons": 0}
 
 
 def test_groups_default_to_prompts_and_ids_override_them():

@@ -105,6 +105,12 @@ class TrainConfig:
     ratio_dev_warn: Optional[float] = _f(None, "warn when train/ratio_dev_first_step (largest |ratio-1| before the "
                                                "iteration's first optimizer step, where it must be 1) exceeds "
                                                "this; null = train.clip_range", min=0)
+    judge_failure_limit: float = _f(0.5, "judges (win_rate, vlm_score): largest fraction of an iteration's "
+                                         "judge requests that may fail (scored as ties) before judge_on_failure "
+                                         "applies; an iteration where every request fails always counts", min=0, max=1)
+    judge_on_failure: str = _f("error", "past judge_failure_limit: error (stop the run, naming the iteration) or "
+                                        "warn (a warning line; failed comparisons stay ties)",
+                               choices=("error", "warn"))
 
 
 

@@ -2,29 +2,46 @@
 
     output_dir/
       checkpoints/iter_XXXXXX/   trainable.safetensors, ema.safetensors (with train.ema), optimizer.pt,
-                                 rng.pt, state.json (iteration, processes, sampler position); written
-                                 whole or not at all (flowalign.io.atomic_dir); the last
-                                 run.keep_checkpoints kept
+                                 rng.pt, state.json (iteration, processes, sampler position, the size
+                                 and SHA-256 of every other file, the settings the weights' shapes and
+                                 meaning depend on); written whole or not at all (flowalign.io.atomic_dir,
+                                 fsynced); the last run.keep_checkpoints kept
       final/lora                 the trained (EMA when enabled) LoRA in diffusers format, loadable by the
                                  stock pipeline's load_lora_weights; final/<denoiser> after full fine-tuning
 
-Only the main process writes; every method that writes waits for all processes.
+Only the main process writes; every method that writes waits for all processes. Nothing non-finite
+is ever written: ``save`` and ``export`` refuse NaN/inf tensors. A resume takes the newest checkpoint
+whose files match their recorded sizes and hashes, and refuses one written with other settings
+(``TrainingStopped`` naming the key).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
 from ..ema import EMA
-from ..io import atomic_dir, atomic_write_json
+from ..errors import UserError
+from ..io import atomic_dir, atomic_write_json, remove_stale_partials
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "TrainingStopped"]
+
+
+class TrainingStopped(UserError):
+    """The run stopped on an expected failure (non-finite numbers, a failing judge, no intact or an
+    incompatible checkpoint); the one-line message names the iteration or file and the fix. ``metrics``:
+    what the stopped iteration measured (logged before the stop)."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
 
 
 class TrainState:
@@ -33,13 +50,17 @@ class TrainState:
 
     def __init__(self, accelerator, output_dir: str | os.PathLike, params: list[torch.Tensor], names: list[str],
                  optimizer, *, device, ema_decay: float | None, ema_every: int = 1, ema_warmup: bool = False,
-                 keep_checkpoints: int, prompts_per_iteration: int):
+                 keep_checkpoints: int, prompts_per_iteration: int,
+                 settings: dict | None = None):
+        """``settings``: the config values (``{"model.lora_rank": 32, ...}``) a checkpoint's weights only fit
+        with; recorded at save, compared at load."""
         self.acc, self.device = accelerator, device
         self.output_dir = Path(output_dir)
         self.params, self.names, self.optimizer = params, names, optimizer
         self.ema = EMA(params, ema_decay, every=ema_every, warmup=ema_warmup) if ema_decay is not None else None
         self.keep_checkpoints = keep_checkpoints
         self.prompts_per_iteration = prompts_per_iteration
+        self.settings = dict(settings or {})
 
     # ------------------------------------------------------------------ EMA
     def ema_update(self) -> None:
@@ -57,11 +78,15 @@ class TrainState:
         return self.output_dir / "checkpoints"
 
     def save(self, iteration: int) -> Path:
-        """Write ``checkpoints/iter_XXXXXX``: trainable weights, optimizer, EMA, RNG states and the iteration."""
+        """Write ``checkpoints/iter_XXXXXX``: trainable weights, optimizer, EMA, RNG states, the iteration, and
+        the size and hash of every file; refuses (``TrainingStopped``) when a tensor is not finite."""
         from safetensors.torch import save_file
 
         final = self.checkpoint_dir / f"iter_{iteration:06d}"
         if self.acc.is_main_process:
+            bad = _first_nonfinite(self._named_state())
+            if bad is not None:
+                raise TrainingStopped(f"refusing to write checkpoint {final.name}: {bad} is not finite")
             with atomic_dir(final, fsync=True) as tmp:
                 save_file({n: p.detach().cpu().contiguous() for n, p in zip(self.names, self.params)},
                           str(tmp / "trainable.safetensors"))
@@ -73,29 +98,82 @@ class TrainState:
                 if torch.cuda.is_available():
                     rng["cuda"] = torch.cuda.get_rng_state_all()
                 torch.save(rng, tmp / "rng.pt")
+                files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
                 atomic_write_json(tmp / "state.json", {"iteration": iteration, "processes": self.acc.num_processes,
                                                        "ema_steps": self.ema.steps if self.ema is not None else 0,
-                                                       "sampler_position": iteration * self.prompts_per_iteration})
-            for old in sorted(self.checkpoint_dir.glob("iter_*"))[:-self.keep_checkpoints]:
+                                                       "sampler_position": iteration * self.prompts_per_iteration,
+                                                       "settings": self.settings, "files": files})
+            for old in self.checkpoints()[:-self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return final
 
-    def latest(self) -> Path | None:
-        found = sorted(p for p in self.checkpoint_dir.glob("iter_*") if (p / "state.json").is_file())
-        return found[-1] if found else None
+    def _named_state(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """Every floating tensor a checkpoint holds, named for a message."""
+        yield from zip(self.names, self.params)
+        if self.ema is not None:
+            yield from ((f"the EMA of {n}", e) for n, e in zip(self.names, self.ema.shadow))
+        for i, state in enumerate(self.optimizer.state_dict()["state"].values()):
+            yield from ((f"the optimizer's {k} of parameter {i}", v) for k, v in state.items() if torch.is_tensor(v))
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint folders, oldest first."""
+        return sorted(p for p in self.checkpoint_dir.glob("iter_*") if p.is_dir())
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Main process, before a run writes: remove the temp folders of checkpoint and export writes that
+        a killed run left behind."""
+        if not self.acc.is_main_process:
+            return []
+        return [p for d in (self.checkpoint_dir, self.output_dir / "final") if d.is_dir()
+                for p in remove_stale_partials(d)]
+
+    def latest(self, warn: Callable[[str], None] | None = None) -> Path | None:
+        """The newest intact checkpoint (``verify``), None when there is none; ``warn`` is told about every
+        newer damaged one (naming it, why, and the one used instead). Damaged ones only:
+        ``TrainingStopped``."""
+        found = self.checkpoints()
+        damaged = []
+        for path in reversed(found):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                if warn is not None:
+                    for bad, why in damaged:
+                        warn(f"checkpoint {bad} is damaged ({why}); resuming from {path} instead")
+                return path
+            damaged.append((path, problem))
+        if damaged:
+            listed = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+            raise TrainingStopped(f"no intact checkpoint in {self.checkpoint_dir} ({listed}); remove the folder to "
+                                  f"start over, or use a new run.output_dir")
+        return None
 
     def load(self, path: str | os.PathLike) -> int:
-        """Restore a checkpoint → the iteration to continue from."""
+        """Restore a checkpoint → the iteration to continue from. A checkpoint written with other settings
+        (``settings``) or other trainable tensors is refused with ``TrainingStopped`` before anything
+        changes."""
         from safetensors.torch import load_file
 
         path = Path(path)
         state = json.loads((path / "state.json").read_text())
+        for key, value in state.get("settings", {}).items():  # checkpoints of older versions record none
+            if key in self.settings and self.settings[key] != value:
+                raise TrainingStopped(
+                    f"checkpoint {path} was written with {key}={value!r}, this run has {key}={self.settings[key]!r}; "
+                    f"resume with {key}={value!r}, or start a new run in another run.output_dir"
+                )
         weights = load_file(str(path / "trainable.safetensors"))
         missing = set(self.names) - set(weights)
         if missing:
-            raise ValueError(f"checkpoint {path} does not match this model: {len(missing)} trainable tensors missing "
-                             f"(e.g. {sorted(missing)[0]}); was it written with another model or LoRA config?")
+            raise TrainingStopped(
+                f"checkpoint {path} does not match this model: {len(missing)} trainable tensors missing "
+                f"(e.g. {sorted(missing)[0]}); was it written with another model or LoRA config?")
+        for n, p in zip(self.names, self.params):
+            if weights[n].shape != p.shape:
+                raise TrainingStopped(
+                    f"checkpoint {path} holds {n} of shape {tuple(weights[n].shape)}, this model's is "
+                    f"{tuple(p.shape)}; resume with the model settings (model.lora_rank, model.lora_targets) "
+                    f"it was written with, or start a new run in another run.output_dir")
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
                 p.copy_(weights[n].to(p.device, p.dtype))
@@ -117,7 +195,48 @@ class TrainState:
         out = self.output_dir / "final"
         if self.acc.is_main_process:
             name = "lora" if policy.train_mode == "lora" else policy.denoiser_name
-            with self.ema_weights(), atomic_dir(out / name) as tmp:
-                policy.save_adapter(tmp)
+            with self.ema_weights():
+                bad = _first_nonfinite(zip(self.names, self.params))
+                if bad is not None:
+                    raise TrainingStopped(f"refusing to export {out / name}: {bad} is not finite")
+                with atomic_dir(out / name, fsync=True) as tmp:
+                    policy.save_adapter(tmp)
         self.acc.wait_for_everyone()
         return out
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with checkpoint folder ``path`` (an unreadable state.json, a missing file, a size or
+    SHA-256 other than recorded at save), or None when it is intact. A checkpoint of an older version
+    (no recorded files) is trusted as it is."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["iteration"])
+        files = state.get("files", {})
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        return f"state.json is unreadable: {type(err).__name__}"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} is {size} bytes, {want['bytes']} were written"
+        if _file_record(f)["sha256"] != want["sha256"]:
+            return f"{name} does not match its recorded SHA-256"
+    return None
+
+
+def _file_record(path: Path) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor holding a NaN or inf, or None."""
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None

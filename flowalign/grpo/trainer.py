@@ -46,6 +46,7 @@ from ..errors import UserError, check_output_dir
 from ..io import check_safetensors
 from ..prompts import read_prompts
 from ..rewards.base import check_prompts, needs_groups
+from ..rewards.pairwise import judge_counts
 from ..sampling.policy import SDEPolicy, Units
 from ..sampling.rollout import group_noise
 from ..seeding import seeded_generator
@@ -55,7 +56,7 @@ from .config import Config, Sizes
 from .evaluation import Evaluator
 from .losses import timestep_weights
 from .objectives import OBJECTIVES, MicroBatch, RolloutBatch
-from .state import TrainState
+from .state import TrainingStopped, TrainState
 
 __all__ = ["GRPOTrainer", "RolloutBatch", "Stream", "train"]
 
@@ -181,10 +182,13 @@ class GRPOTrainer:
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self._wrapped, optimizer = self.acc.prepare(self.policy.denoiser, opt)
         self.policy.wrap_denoiser(self._wrapped)
+        m = self.cfg.model  # a checkpoint's weights fit only a model built with the same settings
+        settings = {f"model.{k}": getattr(m, k) for k in ("family", "train_mode", "lora_rank", "lora_alpha",
+                                                          "lora_targets")}
         return TrainState(self.acc, self.output_dir, params, names, optimizer, device=self.device,
                           ema_decay=t.ema_decay if t.ema else None, ema_every=t.ema_every, ema_warmup=t.ema_warmup,
                           keep_checkpoints=self.cfg.run.keep_checkpoints,
-                          prompts_per_iteration=t.prompts_per_iteration)
+                          prompts_per_iteration=t.prompts_per_iteration, settings=settings)
 
     def _gen(self, iteration: int, stream: Stream, *more: int, device="cpu") -> torch.Generator:
         return seeded_generator(self.cfg.run.seed, iteration, stream, *more, device=device)
@@ -288,6 +292,11 @@ class GRPOTrainer:
         weights = info.get("weights", {self.reward.name: 1.0})
         g_ids = self._gather(batch.group_ids.to(self.device))
         g_per = {k: self._gather(v.float().to(self.device)) for k, v in per_reward.items()}
+        judge = self._judge_metrics(info)  # before the check below: a failing judge stops the run here
+        for k, v in g_per.items():
+            if not bool(torch.isfinite(v).all()):
+                raise TrainingStopped(f"reward {k} returned {int((~torch.isfinite(v)).sum())} non-finite scores "
+                                      f"of {len(v)}; fix the reward (a NaN score has no advantage)")
         adv, masked = multi_reward_advantages(g_per, weights, g_ids, mode=t.reward_normalization,
                                               std_mode=t.std_mode, clip_max=t.adv_clip_max,
                                               unbiased=t.adv_std == "unbiased", eps=t.adv_eps)
@@ -301,6 +310,30 @@ class GRPOTrainer:
         for k, v in g_per.items():
             metrics[f"reward/{k}/mean"] = v.mean().item()
             metrics[f"reward/{k}/std"] = v.std().item()
+        return {**metrics, **judge}
+
+    def _judge_metrics(self, info) -> dict:
+        """``judge/requests``, ``judge/failures``, ``judge/ties_from_failures`` over all processes, for rewards
+        that ask a judge (``rewards.pairwise.judge_counts``); a warning line when some failed, and
+        ``TrainingStopped`` past ``train.judge_failure_limit`` (or when all failed) with
+        ``train.judge_on_failure=error``."""
+        counts = judge_counts(info)
+        if counts is None:
+            return {}
+        keys = list(counts)
+        summed = self._gather(torch.tensor([[counts[k] for k in keys]], device=self.device)).sum(0).tolist()
+        metrics = {f"judge/{k}": int(v) for k, v in zip(keys, summed)}
+        requests, failures = metrics["judge/requests"], metrics["judge/failures"]
+        if failures == 0:
+            return metrics
+        t = self.cfg.train
+        what = f"the judge failed {failures} of {requests} requests ({failures / requests:.0%})"
+        if t.judge_on_failure == "error" and (failures / requests > t.judge_failure_limit or failures == requests):
+            raise TrainingStopped(
+                f"{what}, past train.judge_failure_limit={t.judge_failure_limit}: is the judge server up, and its "
+                f"endpoint and API key right? (train.judge_on_failure=warn goes on, scoring failures as ties)",
+                metrics=metrics)
+        self._warn(f"iteration {self.iteration + 1}: {what}; scored as ties")
         return metrics
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,6 +359,7 @@ class GRPOTrainer:
         stats: dict[str, list] = {"grad_norm": []}
         steps = 0
         ratio_dev = None  # largest |ratio - 1| before the first optimizer step, where the ratio must be 1
+        loss_sum = torch.zeros((), device=self.device)  # what was back-propagated since the last step
         for epoch in range(t.num_inner_epochs):
             g = self._gen(iteration, Stream.SHUFFLE, epoch, self.rank)
             # [n_train] unit per row (whole groups in a row when grouped); live False: padding
@@ -341,16 +375,23 @@ class GRPOTrainer:
                     for j in range(T_train):
                         # gradients are all-reduced across processes once per step, at its last backward
                         with self._grad_sync(m == group[-1] and j == T_train - 1):
-                            out = self._micro_step(batch, rows, cols[rows, j], alive, scale=1.0 / (T_train * len(group)))
+                            out, loss = self._micro_step(batch, rows, cols[rows, j], alive,
+                                                         scale=1.0 / (T_train * len(group)))
+                        loss_sum += loss
                         dev = out.pop("ratio_dev", None)
                         if dev is not None and steps == 0:
                             ratio_dev = max(dev, ratio_dev or 0.0)
                         for k, v in out.items():
                             stats.setdefault(k, []).append(v)
+                # (clipping to inf measures the norm and leaves the gradients as they are)
+                grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
                 if t.max_grad_norm > 0:
-                    stats["grad_norm"].append(float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm)))
+                    stats["grad_norm"].append(float(grad_norm))
+                self._check_finite_step(loss_sum, grad_norm)
+                loss_sum.zero_()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self._check_finite_parameters()
                 self.state.ema_update()
                 steps += 1
         return {**{f"train/{k}": v for k, v in prepared.items()}, **{f"train/{k}": _mean(v) for k, v in stats.items()},
@@ -373,13 +414,29 @@ class GRPOTrainer:
                      "row's velocity does not depend on its batch (sampling.batch_size vs train.micro_batch_size)")
         return {"train/ratio_dev_first_step": dev}
 
-    def _micro_step(self, batch: RolloutBatch, rows, cols, alive, scale: float) -> dict:
+    def _micro_step(self, batch: RolloutBatch, rows, cols, alive, scale: float) -> tuple[dict, torch.Tensor]:
         """The objective's loss on units ``rows`` at columns ``cols``, averaged over the rows (padding rows
-        weigh 0) and times ``scale``; backward. → the objective's metrics."""
+        weigh 0) and times ``scale``; backward. → (the objective's metrics, the back-propagated loss)."""
         mb = MicroBatch(batch, rows, cols, alive, self.device)
         loss_B, metrics = self.objective.loss(mb)
-        self.acc.backward((mb.alive.float() * loss_B).sum() / len(mb) * scale)
-        return metrics
+        loss = (mb.alive.float() * loss_B).sum() / len(mb) * scale
+        self.acc.backward(loss)
+        return metrics, loss.detach().float()
+
+    def _check_finite_step(self, loss, grad_norm) -> None:
+        """Before an optimizer step: the step's loss and gradient norm are finite on every process, else
+        ``TrainingStopped``. (With fp16 loss scaling an inf gradient is routine: the scaler skips the step.)"""
+        flags = torch.stack([torch.isfinite(loss), torch.isfinite(torch.as_tensor(grad_norm, device=self.device))])
+        loss_ok, grad_ok = self._gather(flags[None].float()).min(0).values.bool().tolist()
+        if not loss_ok:
+            raise TrainingStopped("the loss is not finite; lower train.lr (or check the reward and train.clip_range)")
+        if not grad_ok and self.acc.scaler is None:
+            raise TrainingStopped(f"the gradient norm is {float(grad_norm)}; lower train.lr or set train.max_grad_norm")
+
+    def _check_finite_parameters(self) -> None:
+        """After an optimizer step: every trainable parameter is finite, else ``TrainingStopped``."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            raise TrainingStopped("a trainable parameter is not finite after the optimizer step; lower train.lr")
 
     def _grad_sync(self, sync: bool):
         """A backward's context: gradients all-reduced across processes (``sync``) or kept local."""
@@ -451,7 +508,12 @@ class GRPOTrainer:
                 logger.log(0, last_eval)
         bar = self._progress_bar(start)
         for it in range(start, n):
-            metrics = self.train_iteration(it)
+            try:
+                metrics = self.train_iteration(it)
+            except TrainingStopped as err:
+                if logger is not None and err.metrics:
+                    logger.log(it + 1, err.metrics)
+                raise self._stopped(it + 1, err) from None
             done = self.iteration = it + 1
             if done % cfg.eval.every == 0 or done == n:
                 if ev := self.evaluate(done):
@@ -464,7 +526,10 @@ class GRPOTrainer:
                                  **({"eval": f"{last_eval['eval/reward']:.3f}"} if "eval/reward" in last_eval else {})})
                 bar.update(1)
             if done % cfg.run.save_every == 0 or done == n:
-                self.state.save(done)
+                try:
+                    self.state.save(done)
+                except TrainingStopped as err:
+                    raise self._stopped(done, err) from None
         if bar is not None:
             bar.close()
         self.state.export(self.policy)
@@ -472,9 +537,23 @@ class GRPOTrainer:
             logger.close()
         return last_eval
 
+    def _stopped(self, iteration: int, err: TrainingStopped) -> TrainingStopped:
+        """``err`` naming the iteration and the checkpoint a resume continues from (untouched by the stop)."""
+        kept = self.state.checkpoints()
+        where = (f"the last good checkpoint is {kept[-1]}, a resume continues from it" if kept
+                 else "no checkpoint was written")
+        return TrainingStopped(f"stopped at iteration {iteration}: {err}; {where}")
+
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            print(f"flowalign train: warning: {message}", file=sys.stderr)
+
     def _resume(self) -> int:
-        """The iteration to start from: the latest checkpoint's (with ``run.resume``), else 0."""
-        if self.cfg.run.resume and (ck := self.state.latest()) is not None:
+        """The iteration to start from: the newest intact checkpoint's (with ``run.resume``; newer damaged
+        ones are warned about), else 0. Temp folders of writes a killed run left are removed first."""
+        for stale in self.state.remove_partial_writes():
+            self._warn(f"removed {stale}, left by an interrupted write")
+        if self.cfg.run.resume and (ck := self.state.latest(warn=self._warn)) is not None:
             self.iteration = self.state.load(ck)
             if self.is_main:
                 self.log(f"resumed from {ck} (iteration {self.iteration})")

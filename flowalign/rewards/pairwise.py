@@ -59,7 +59,7 @@ def win_rates(
     Returns:
         rates [B] float32 in [0, 1] (0.5 for an image alone in its group) and info with
         ``comparisons``, ``failures`` (NaN verdicts, counted as ties), ``failure_rate``,
-        ``groups``, ``singletons``.
+        ``groups``, ``singletons``, and the judge counts ``judge_counts`` reads.
     """
     B = images.shape[0]
     if len(prompts) != B:
@@ -99,12 +99,32 @@ def win_rates(
     sizes = {gid: ids.count(gid) for gid in dict.fromkeys(ids)}
     info = {
         "comparisons": len(pairs),
+        "requests": len(pairs),
         "failures": int(failed_P.sum()),
+        "ties_from_failures": int(failed_P.sum()),
         "failure_rate": int(failed_P.sum()) / len(pairs) if pairs else 0.0,
         "groups": len(sizes),
         "singletons": sum(1 for n in sizes.values() if n == 1),
     }
     return rates_B.to(images.device), info
+
+
+JUDGE_COUNTS = ("requests", "failures", "ties_from_failures")
+
+
+def judge_counts(info) -> dict[str, int] | None:
+    """How often a reward asked a judge this call, summed over the parts of a ``MultiReward``'s info:
+    ``requests`` (comparisons of ``win_rates``, images of a ``VLMScore``), ``failures`` (no verdict:
+    the request failed after its retries, or the answer could not be parsed) and
+    ``ties_from_failures`` (failed comparisons ``win_rates`` scored as ties); None when no part
+    reports ``requests`` (no judge)."""
+    if not isinstance(info, dict):
+        return None
+    parts = list(info["info"].values()) if isinstance(info.get("info"), dict) else [info]
+    reported = [p for p in parts if isinstance(p, dict) and "requests" in p]
+    if not reported:
+        return None
+    return {k: sum(int(p.get(k, 0)) for p in reported) for k in JUDGE_COUNTS}
 
 
 class FromPointwiseJudge:

@@ -22,45 +22,105 @@ a client's key set-up.
 The server binds 127.0.0.1 only. ``--port 0`` picks a free port; the first stdout line is
 ``flowalign judge-server listening on http://127.0.0.1:PORT/v1``.
 
+It is hardened against bad clients: ``--workers`` threads serve connections (at most as many again
+wait; past that a connection is answered 503 at once), every socket read times out after
+``--socket-timeout`` seconds, a body needs a ``Content-Length`` of at most ``--max-body-mb`` and the
+``application/json`` content type, every malformed request or image (bad JSON, bad base64, not an
+image, more than ``--max-image-pixels``) is a 4xx answer with a message, and the API key is compared
+in constant time.
+
     python -m flowalign.rewards.server --reward jpeg_incompressibility --port 0
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import random
 import sys
 import threading
 import time
+import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
 from ..eval import unigenbench
-from .vlm import PAIRWISE_PROMPT_RE, POINTWISE_PROMPT_RE, decode_data_url
+from .vlm import MAX_IMAGE_PIXELS, PAIRWISE_PROMPT_RE, POINTWISE_PROMPT_RE, decode_data_url
 
 HOST = "127.0.0.1"
 
+_BUSY_BODY = json.dumps({"error": {"message": "server busy, retry later", "type": "server_busy", "code": 503}})
+_BUSY = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         f"Content-Length: {len(_BUSY_BODY)}\r\n\r\n{_BUSY_BODY}").encode()
 
-class JudgeServer(ThreadingHTTPServer):
-    daemon_threads = True
+
+class JudgeServer(HTTPServer):
+    """The HTTP server: connections are served by a pool of ``workers`` threads; up to ``workers`` more
+    wait for one, and a connection past those is answered 503 by the accepting thread and closed."""
 
     def __init__(self, port: int, reward, model_name: str, delay: float = 0.0, error_rate: float = 0.0,
                  malformed_rate: float = 0.0, timeout_rate: float = 0.0, timeout_sleep: float = 30.0,
-                 seed: int = 0, verbose: bool = False, api_key: str | None = None):
+                 seed: int = 0, verbose: bool = False, api_key: str | None = None, workers: int = 8,
+                 socket_timeout: float = 30.0, max_body_bytes: int = 64 << 20,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         if error_rate + malformed_rate + timeout_rate > 1:
             raise ValueError("error_rate + malformed_rate + timeout_rate must be <= 1")
+        if workers < 1 or socket_timeout <= 0 or max_body_bytes < 1 or max_image_pixels < 1:
+            raise ValueError("need workers >= 1, socket_timeout > 0, max_body_bytes >= 1, max_image_pixels >= 1")
         super().__init__((HOST, port), JudgeHandler)
         self.reward, self.model_name, self.verbose = reward, model_name, verbose
         self._api_key = api_key
+        self.socket_timeout, self.max_body_bytes, self.max_image_pixels = socket_timeout, max_body_bytes, max_image_pixels
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge-server")
+        self._slots = threading.BoundedSemaphore(2 * workers)  # served + waiting connections
         self.delay, self.timeout_sleep = delay, timeout_sleep
         self.rates = (error_rate, malformed_rate, timeout_rate)
         self._rng = random.Random(seed)
         self._rng_lock, self._reward_lock = threading.Lock(), threading.Lock()
         self.counts = {"requests": 0, "error": 0, "malformed": 0, "timeout": 0}
+
+    def process_request(self, request, client_address):
+        """(The accepting thread.) Hand the connection to the pool, or answer 503 when it is full."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        self._pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        """A connection's unexpected failure: one line on stderr (the traceback with --verbose)."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (TimeoutError, ConnectionError)):
+            return  # a client that went idle or away
+        sys.stderr.write(f"judge-server: error serving {client_address[0]}: {type(err).__name__}: {err}\n")
+        if self.verbose:
+            traceback.print_exc()
+
+    def server_close(self):
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def key_matches(self, authorization: str) -> bool:
+        """Constant-time comparison of an ``Authorization`` header with ``Bearer <key>``."""
+        return hmac.compare_digest(authorization.encode(), f"Bearer {self._api_key}".encode())
 
     def draw_fault(self) -> str | None:
         with self._rng_lock:
@@ -100,6 +160,10 @@ class JudgeHandler(BaseHTTPRequestHandler):
     server: JudgeServer
     server_version = "flowalign-judge"
 
+    def setup(self):
+        self.timeout = self.server.socket_timeout  # every read and write of the connection
+        super().setup()
+
     def log_message(self, fmt, *args):
         if self.server.verbose:
             sys.stderr.write("judge-server: " + fmt % args + "\n")
@@ -119,11 +183,33 @@ class JudgeHandler(BaseHTTPRequestHandler):
         self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
 
     def _authorized(self) -> bool:
-        key = self.server._api_key
-        if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+        if self.server._api_key and not self.server.key_matches(self.headers.get("Authorization", "")):
             self._error(401, "missing or wrong API key")
             return False
         return True
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after answering why it is refused (no or a bad Content-Length, too
+        large, chunked). A client that stops sending mid-body times out (the connection closes)."""
+        if self.headers.get("Transfer-Encoding"):
+            self._error(411, "send the body with a Content-Length (Transfer-Encoding is not supported)")
+            return None
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self._error(411, "a POST needs a Content-Length header")
+            return None
+        if not length.strip().isdigit():
+            self._error(400, f"Content-Length must be a non-negative integer, got {length[:40]!r}")
+            return None
+        n = int(length)
+        if n > self.server.max_body_bytes:
+            self._error(413, f"the body is {n} bytes, more than the {self.server.max_body_bytes} accepted")
+            return None
+        raw = self.rfile.read(n)
+        if len(raw) < n:
+            self.close_connection = True  # the client closed early: nobody to answer
+            return None
+        return raw
 
     def do_GET(self):
         if not self._authorized():
@@ -135,22 +221,44 @@ class JudgeHandler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}")
 
     def do_POST(self):
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))  # read before any reply
+        try:
+            self._post()
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True  # the client went idle or away
+        except Exception as err:  # a bug of the server: the client still gets an answer, stderr the traceback
+            traceback.print_exc()
+            self._error(500, f"internal error: {type(err).__name__}")
+
+    def _post(self):
+        raw = self._read_body()  # read before any other reply, so the client sees it
+        if raw is None:
+            return
         if not self._authorized():
             return
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._error(404, f"no route {self.path}")
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return self._error(415, f"the body must be JSON with Content-Type: application/json, got {content_type!r}")
         try:
             body = json.loads(raw)
             content = body["messages"][-1]["content"]
             if isinstance(content, str):
                 content = [{"type": "text", "text": content}]
-            images = [decode_data_url(part["image_url"]["url"]) for part in content if part["type"] == "image_url"]
+            if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+                raise TypeError("messages[-1].content must be a string or a list of parts")
+            urls = [part["image_url"]["url"] for part in content if part["type"] == "image_url"]
             text = "\n".join(part["text"] for part in content if part["type"] == "text")
-        except (ValueError, KeyError, IndexError, TypeError) as err:
+            if not isinstance(text, str):
+                raise TypeError("a text part's text must be a string")
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as err:
             return self._error(400, f"bad chat-completions request: {type(err).__name__}: {err}")
-        if len(images) not in (1, 2):
-            return self._error(400, f"send one image (pointwise) or two (pairwise), got {len(images)}")
+        if len(urls) not in (1, 2):
+            return self._error(400, f"send one image (pointwise) or two (pairwise), got {len(urls)}")
+        try:
+            images = [decode_data_url(url, self.server.max_image_pixels) for url in urls]
+        except ValueError as err:
+            return self._error(400, f"bad image: {err}")
 
         fault = self.server.draw_fault()
         if self.server.delay:
@@ -200,6 +308,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
     p.add_argument("--api-key-env", default=None,
                    help="require 'Authorization: Bearer <key>' with the key read from this environment variable")
+    p.add_argument("--workers", type=int, default=8, help="threads serving connections (as many more may wait)")
+    p.add_argument("--socket-timeout", type=float, default=30.0,
+                   help="seconds a connection may stay silent before it is closed")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, in MiB")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="largest image accepted, in pixels (width × height)")
     p.add_argument("--verbose", action="store_true", help="log every request on stderr")
 
 
@@ -222,7 +336,9 @@ def make_server(args: argparse.Namespace) -> JudgeServer:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     reward = build_reward(args.reward, **reward_args)
     return JudgeServer(args.port, reward, args.model_name, args.delay, args.error_rate, args.malformed_rate,
-                       args.timeout_rate, args.timeout_sleep, args.seed, args.verbose, api_key)
+                       args.timeout_rate, args.timeout_sleep, args.seed, args.verbose, api_key,
+                       workers=args.workers, socket_timeout=args.socket_timeout,
+                       max_body_bytes=int(args.max_body_mb * (1 << 20)), max_image_pixels=args.max_image_pixels)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ named by ``api_key_env`` and is never logged, printed or put in an exception.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import io
 import logging
@@ -23,6 +24,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -168,12 +170,31 @@ def data_urls(images_BCHW: torch.Tensor, map_fn: Callable = map) -> list[str]:
     return [encoded[k] for k in keys]
 
 
-def decode_data_url(url: str) -> torch.Tensor:
-    """The inverse of ``image_data_url`` (any PIL-readable image): [3,H,W] float in [0,1]."""
-    if not url.startswith("data:") or ";base64," not in url:
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def decode_data_url(url: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """The inverse of ``image_data_url`` (any PIL-readable image): [3,H,W] float in [0,1]. Anything else
+    (not a base64 data URL, invalid base64, not an image, a truncated one, more than ``max_pixels``
+    pixels as a decompression bomb has) is a ``ValueError`` saying which; the pixel count is checked
+    from the header, before decoding."""
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise ValueError("images must be base64 data URLs (data:image/...;base64,...)")
-    raw = base64.b64decode(url.split(";base64,", 1)[1])
-    arr = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    try:
+        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"the image's base64 is invalid ({err})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            w, h = image.size
+            if w * h <= max_pixels:
+                arr = np.asarray(image.convert("RGB"))
+    except Exception as err:  # PIL's decoders raise many types on malformed input
+        raise ValueError(f"the image cannot be decoded ({type(err).__name__}: {err})") from None
+    if w * h > max_pixels:
+        raise ValueError(f"the image is {w}x{h} pixels, more than the {max_pixels} accepted")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
@@ -314,7 +335,7 @@ class VLMScore:
 
     A failed or unparsable answer is replaced by the mean of the valid scores of the same prompt
     in the batch (so it adds nothing to that group's advantages), else of the whole batch, else
-    ``fail_score``; ``info`` has ``failures`` and the ``valid`` mask."""
+    ``fail_score``; ``info`` has ``requests``, ``failures`` and the ``valid`` mask."""
 
     differentiable = False
     name = "vlm_score"
@@ -347,7 +368,7 @@ class VLMScore:
         for i in torch.nonzero(~valid).flatten().tolist():
             same = [j for j, p in enumerate(prompts) if p == prompts[i] and valid[j]]
             scores[i] = raw[same].mean() if same else batch_mean
-        return scores.to(images.device), {"failures": int((~valid).sum()), "valid": valid}
+        return scores.to(images.device), {"requests": len(raw), "failures": int((~valid).sum()), "valid": valid}
 
     @property
     def stats(self) -> dict[str, int]:
