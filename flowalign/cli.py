@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, describe, load_config, to_yaml
+from .config import describe, load_config, to_yaml
+from .errors import check_output_dir, run_command
 from .io import atomic_write_json
 
 
@@ -48,6 +49,10 @@ def _cmd_check_sampler(ns) -> int:
 
     path, overrides = _split_config_args(ns.args)
     cfg = load_config(path, overrides)
+    if ns.out:
+        from pathlib import Path
+
+        check_output_dir(Path(ns.out).parent, "--out")
     s = cfg.sampling
     gen = torch.Generator().manual_seed(cfg.run.seed)
     gm = GaussianMixture.default()
@@ -133,11 +138,8 @@ def _registrars():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    try:
-        return ns.func(ns)
-    except ConfigError as e:
-        print(f"flowalign: config error: {e}", file=sys.stderr)
-        return 2
+    words = [parser.prog, ns.command] + [getattr(ns, a) for a in ("config_command", "pocket_command") if hasattr(ns, a)]
+    return run_command(" ".join(words), ns.func, ns)
 
 
 if __name__ == "__main__":

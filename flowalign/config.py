@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,6 +27,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import UserError
 from .models.families import ATTENTION_BACKENDS, FAMILIES, TRAIN_MODES
 
 __all__ = [
@@ -47,8 +49,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'flowalign.config' has no attribute {name!r}")
 
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key and how to fix it."""
+class ConfigError(UserError):
+    """A configuration mistake; the message names the key and how to fix it (a ``UserError``, so a
+    ``ValueError``)."""
 
 
 def _f(default, help: str, **kw):
@@ -217,8 +220,9 @@ def _read_yaml(path) -> dict:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as e:  # yaml.YAMLError and OmegaConf errors carry line numbers in their text
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
+    if not data:  # an empty file, or only comments
+        raise ConfigError(f"config file {path} is empty; give its sections (model:, sampling:, train:, rewards:, "
+                          "...), e.g. start from a copy of a recipe in configs/")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, sampling:, ...)")
     return data
@@ -284,6 +288,10 @@ def _check_ranges(obj, prefix: str) -> None:
             continue
         if value is None:
             continue
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"config key '{path}' is {value}; it must be a finite number, set a real value "
+                              f"(default: {_default(f)})")
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(
                 f"config key '{path}' is {value!r}{_nearest(str(value), meta['choices'])} "
@@ -293,6 +301,10 @@ def _check_ranges(obj, prefix: str) -> None:
                                 ("max", lambda v, b: v <= b, "<=")):
             if bound in meta and not ok(value, meta[bound]):
                 raise ConfigError(f"config key '{path}' must be {word} {meta[bound]}, got {value}")
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def validate_sampling(s: SamplingConfig) -> None:
