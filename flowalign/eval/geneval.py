@@ -47,6 +47,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
@@ -91,46 +93,46 @@ def check_metadata(row: Mapping, *, known_classes: Iterable[str] | None = None) 
     """``row`` if it is a well-formed GenEval metadata row, else ValueError naming the field and the fix.
     ``known_classes``: when given, every ``class`` must be one of them (a closed-vocabulary detector)."""
     if not isinstance(row, Mapping):
-        raise ValueError(f"GenEval metadata must be a JSON object, got {type(row).__name__}")
+        raise UserError(f"GenEval metadata must be a JSON object, got {type(row).__name__}")
     example = ('{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}], '
                '"prompt": "a photo of a pink car"}')
     for key in ("tag", "include", "prompt"):
         if key not in row:
-            raise ValueError(f"GenEval metadata is missing the field {key!r}; every row needs 'tag', 'include' "
+            raise UserError(f"GenEval metadata is missing the field {key!r}; every row needs 'tag', 'include' "
                              f"and 'prompt' (and 'exclude' for counting), e.g. {example}")
     if not isinstance(row["tag"], str) or not row["tag"]:
-        raise ValueError(f"GenEval metadata 'tag' must be a non-empty string such as {', '.join(TAGS)}")
+        raise UserError(f"GenEval metadata 'tag' must be a non-empty string such as {', '.join(TAGS)}")
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise ValueError("GenEval metadata 'prompt' must be a non-empty string")
+        raise UserError("GenEval metadata 'prompt' must be a non-empty string")
     known = None if known_classes is None else set(known_classes)
     for kind in ("include", "exclude"):
         clauses = row.get(kind, [])
         if not isinstance(clauses, list) or (kind == "include" and not clauses):
-            raise ValueError(f"GenEval metadata {kind!r} must be a{' non-empty' if kind == 'include' else ''} list "
+            raise UserError(f"GenEval metadata {kind!r} must be a{' non-empty' if kind == 'include' else ''} list "
                              f"of clauses like {{\"class\": \"dog\", \"count\": 1}}")
         for i, c in enumerate(clauses):
             where = f"GenEval metadata {kind}[{i}]"
             if not isinstance(c, Mapping):
-                raise ValueError(f"{where} must be an object like {{\"class\": \"dog\", \"count\": 1}}")
+                raise UserError(f"{where} must be an object like {{\"class\": \"dog\", \"count\": 1}}")
             for key in ("class", "count"):
                 if key not in c:
-                    raise ValueError(f"{where} is missing the field {key!r}; a clause needs 'class' and 'count'")
+                    raise UserError(f"{where} is missing the field {key!r}; a clause needs 'class' and 'count'")
             if not isinstance(c["class"], str) or not c["class"]:
-                raise ValueError(f"{where} 'class' must be a non-empty string (a detector class name)")
+                raise UserError(f"{where} 'class' must be a non-empty string (a detector class name)")
             if known is not None and c["class"] not in known:
-                raise ValueError(f"{where} class {c['class']!r} is not a class of the detector; GenEval classes are "
+                raise UserError(f"{where} class {c['class']!r} is not a class of the detector; GenEval classes are "
                                  f"the 80 COCO names of flowalign.eval.geneval.CLASS_NAMES")
             if isinstance(c["count"], bool) or not isinstance(c["count"], int) or c["count"] < 1:
-                raise ValueError(f"{where} 'count' must be an integer >= 1, got {c['count']!r}")
+                raise UserError(f"{where} 'count' must be an integer >= 1, got {c['count']!r}")
             if kind == "exclude":
                 continue
             if "color" in c and c["color"] not in COLORS:
-                raise ValueError(f"{where} color {c['color']!r} is not one of GenEval's colors {', '.join(COLORS)}")
+                raise UserError(f"{where} color {c['color']!r} is not one of GenEval's colors {', '.join(COLORS)}")
             if "position" in c:
                 pos = c["position"]
                 if (not isinstance(pos, (list, tuple)) or len(pos) != 2 or pos[0] not in RELATIONS
                         or isinstance(pos[1], bool) or not isinstance(pos[1], int) or not 0 <= pos[1] < i):
-                    raise ValueError(f"{where} position must be [relation, j] with relation one of "
+                    raise UserError(f"{where} position must be [relation, j] with relation one of "
                                      f"{', '.join(RELATIONS)} and j the index of an earlier include clause, got {pos!r}")
     return dict(row)
 
@@ -141,7 +143,7 @@ def read_metadata(path: str | os.PathLike, *, known_classes: Iterable[str] | Non
 
     path = Path(path)
     if path.suffix != ".jsonl":
-        raise ValueError(f"GenEval metadata {str(path)!r} must be a .jsonl file (GenEval's evaluation_metadata.jsonl "
+        raise UserError(f"GenEval metadata {str(path)!r} must be a .jsonl file (GenEval's evaluation_metadata.jsonl "
                          "format: one object with tag, include, prompt per line)")
     return read_prompts(path, parse=lambda row: check_metadata(row, known_classes=known_classes))
 
@@ -201,7 +203,7 @@ def make_sample(tag: str, rng: np.random.Generator, classes: Sequence[str] = CLA
         ca, cb = pick(COLORS, 2)
         return {"tag": tag, "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
                 "prompt": f"a photo of {with_article(ca)} {a} and {with_article(cb)} {b}"}
-    raise ValueError(f"unknown GenEval tag {tag!r}; tags are {', '.join(TAGS)}")
+    raise UserError(f"unknown GenEval tag {tag!r}; tags are {', '.join(TAGS)}")
 
 
 def _key(row: Mapping) -> str:
@@ -217,7 +219,7 @@ def generate_suite(seed: int, per_tag: int | Mapping[str, int] = 100, *, exclude
     counts = {t: per_tag for t in TAGS} if isinstance(per_tag, int) else dict(per_tag)
     unknown = set(counts) - set(TAGS)
     if unknown:
-        raise ValueError(f"unknown GenEval tag(s) {sorted(unknown)}; tags are {', '.join(TAGS)}")
+        raise UserError(f"unknown GenEval tag(s) {sorted(unknown)}; tags are {', '.join(TAGS)}")
     rng = np.random.default_rng(seed)
     seen = {_key(r) for r in exclude}
     rows = []
@@ -332,7 +334,7 @@ ColorsOf = Callable[[str, list[Detection]], list[str]]
 def known_colors(classname: str, dets: list[Detection]) -> list[str]:
     """Colors already on the detections (synthetic or pocket detections)."""
     if any(d.color is None for d in dets):
-        raise ValueError(f"a {classname!r} detection has no color; pass colors_of (a CLIP color classifier)")
+        raise UserError(f"a {classname!r} detection has no color; pass colors_of (a CLIP color classifier)")
     return [d.color for d in dets]
 
 

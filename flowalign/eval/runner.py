@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
+
 # Sampler defaults per family: (steps, guidance); the pocket model's own for builtin:pocket.
 SAMPLER_DEFAULTS = {"sd3": (40, 4.5), "flux": (28, 3.5), "sd_turbo": (1, 0.0), "sdxl_turbo": (1, 0.0)}
 POCKET_DEFAULTS = (20, 1.5)
@@ -65,7 +67,7 @@ def detect_family(path: str) -> str:
     for name, fam in FAMILIES.items():
         if fam.pipeline == found:
             return name
-    raise ValueError(f"model {path!r} is a diffusers {found}; flowalign generates with "
+    raise UserError(f"model {path!r} is a diffusers {found}; flowalign generates with "
                      f"{', '.join(f.pipeline for f in FAMILIES.values())} (pass --family if it is one of them)")
 
 
@@ -76,7 +78,7 @@ def load_generator(model: str, lora: str | None = None, *, family: str | None = 
     from ..models import load_policy
 
     if lora is not None and not Path(lora).is_dir():
-        raise ValueError(f"--lora {lora!r} is not a folder; give a LoRA folder written by save_adapter() "
+        raise UserError(f"--lora {lora!r} is not a folder; give a LoRA folder written by save_adapter() "
                          "(e.g. runs/pocket_flow_grpo/final/lora)")
     cfg = ModelConfig(family=family or detect_family(model), path=model, dtype=dtype, device=device,
                       train_mode="none", lora_init_path=lora)
@@ -207,7 +209,7 @@ class GenEvalBenchmark:
             try:
                 self.reward.scorer.check([row])
             except ValueError as err:
-                raise ValueError(f"{prompts}:{n}: {err}") from None
+                raise UserError(f"{prompts}:{n}: {err}") from None
 
     def jobs(self, out: Path) -> list[Job]:
         from ..io import atomic_write_text
@@ -292,10 +294,10 @@ def run_eval(benchmark: str, prompts: str, out: str | os.PathLike, *, model: str
     from ..io import atomic_write_json, atomic_write_text
 
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     n = images_per_prompt or DEFAULT_IMAGES_PER_PROMPT[benchmark]
     if n < 1:
-        raise ValueError(f"--images-per-prompt must be >= 1, got {n}")
+        raise UserError(f"--images-per-prompt must be >= 1, got {n}")
     out = Path(out)
     bench = BENCHMARKS[benchmark](prompts, images_per_prompt=n, device=device, **bench_options)  # bad input fails here
     fam = family or detect_family(model)
@@ -346,9 +348,9 @@ def run_sample(prompts: list[str], out: str | os.PathLike, *, model: str, lora: 
     from ..io import atomic_write_text
 
     if not prompts:
-        raise ValueError("no prompts given; pass --prompt TEXT or --prompts FILE")
+        raise UserError("no prompts given; pass --prompt TEXT or --prompts FILE")
     if images_per_prompt < 1:
-        raise ValueError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
+        raise UserError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
     out = Path(out)
     fam = family or detect_family(model)
     d_steps, d_guidance = sampler_defaults(model, fam)

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 # UniGenBench's definitions of its test points (its evaluation script's explanation table, verbatim:
 # the judge is prompted with this wording).
 TESTPOINT_DEFINITIONS: dict[str, str] = {
@@ -120,14 +122,14 @@ def read_items(path: str | os.PathLike, language: str = "en") -> list[Item]:
     """The prompts of a UniGenBench CSV; ValueError naming the file, row and the fix for bad input."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"UniGenBench prompt file {str(path)!r} does not exist; give the benchmark's CSV "
+        raise UserError(f"UniGenBench prompt file {str(path)!r} does not exist; give the benchmark's CSV "
                          "(data/test_prompts_en.csv of CodeGoat24/UniGenBench)")
     cols = ("index", f"prompt_{language}", f"sub_dims_{language}")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in cols if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: UniGenBench CSV is missing the column(s) {missing}; it needs {list(cols)} "
+            raise UserError(f"{path}: UniGenBench CSV is missing the column(s) {missing}; it needs {list(cols)} "
                              f"(sub_dims_{language}: JSON with 'Testpoints' and 'Testpoint Description')")
         items = []
         for n, row in enumerate(reader, 2):
@@ -137,21 +139,21 @@ def read_items(path: str | os.PathLike, language: str = "en") -> list[Item]:
                 dims = json.loads(row[cols[2]])
                 points, descs = dims["Testpoints"], dims["Testpoint Description"]
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{where}: bad UniGenBench row ({type(err).__name__}: {err}); 'index' must be a "
+                raise UserError(f"{where}: bad UniGenBench row ({type(err).__name__}: {err}); 'index' must be a "
                                  f"number and {cols[2]} a JSON object with 'Testpoints' and 'Testpoint Description'") from None
             if not isinstance(points, list) or not points or len(points) != len(descs):
-                raise ValueError(f"{where}: 'Testpoints' and 'Testpoint Description' must be lists of the same "
+                raise UserError(f"{where}: 'Testpoints' and 'Testpoint Description' must be lists of the same "
                                  f"non-zero length, got {len(points) if isinstance(points, list) else points!r} "
                                  f"and {len(descs) if isinstance(descs, list) else descs!r}")
             unknown = [p for p in points if p not in TESTPOINT_DEFINITIONS]
             if unknown:
-                raise ValueError(f"{where}: unknown test point(s) {unknown}; UniGenBench's are "
+                raise UserError(f"{where}: unknown test point(s) {unknown}; UniGenBench's are "
                                  f"{sorted(TESTPOINT_DEFINITIONS)}")
             if not row[cols[1]].strip():
-                raise ValueError(f"{where}: empty {cols[1]}")
+                raise UserError(f"{where}: empty {cols[1]}")
             items.append(Item(index, row[cols[1]].strip(), tuple(points), tuple(descs)))
     if not items:
-        raise ValueError(f"{path}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return items
 
 

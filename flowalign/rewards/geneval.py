@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..eval import geneval as G
 from .base import freeze, resolve_device, resolve_dtype
 from .transforms import check_images
@@ -51,7 +52,7 @@ def detector_kind(model_id: str) -> str:
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as err:  # offline, unknown id, not a model folder: one fix for the user
-        raise ValueError(f"GenEval detector {model_id!r}: cannot read its config ({type(err).__name__}: {err}). "
+        raise UserError(f"GenEval detector {model_id!r}: cannot read its config ({type(err).__name__}: {err}). "
                          "Give a local folder or a hub id reachable from here, e.g. "
                          "facebook/mask2former-swin-small-coco-instance or facebook/detr-resnet-50") from err
     kind = config.model_type
@@ -61,7 +62,7 @@ def detector_kind(model_id: str) -> str:
         return "masks"
     if kind in MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES:
         return "boxes"
-    raise ValueError(f"GenEval detector {model_id!r} is a {kind!r} model, not an object detector; give a transformers "
+    raise UserError(f"GenEval detector {model_id!r} is a {kind!r} model, not an object detector; give a transformers "
                      f"object detector: an AutoModelForObjectDetection model (e.g. facebook/detr-resnet-50), a "
                      f"Mask2Former instance-segmentation model (facebook/mask2former-swin-small-coco-instance) or "
                      f"OWLv2 (google/owlv2-base-patch16-ensemble)")
@@ -94,7 +95,7 @@ class ObjectDetector:
             id2label = self.model.config.id2label
             self.label_class = {int(i): G.class_of_label(name) for i, name in id2label.items()}
             if not any(c in self.classes for c in self.label_class.values() if c):
-                raise ValueError(f"GenEval detector {model_id!r}: none of its {len(id2label)} labels (e.g. "
+                raise UserError(f"GenEval detector {model_id!r}: none of its {len(id2label)} labels (e.g. "
                                  f"{list(id2label.values())[:3]}) is a COCO class GenEval asks for; give a COCO "
                                  "detector, or an open-vocabulary one (OWLv2)")
 
@@ -211,14 +212,14 @@ class GenEvalScorer:
     def check(self, metadata) -> list[dict]:
         """Each row checked (missing field, a class the detector does not know: ValueError)."""
         if metadata is None:
-            raise ValueError("the geneval reward needs each prompt's GenEval metadata (tag, include, exclude); "
+            raise UserError("the geneval reward needs each prompt's GenEval metadata (tag, include, exclude); "
                              "give a .jsonl prompt file in GenEval's format (flowalign geneval-prompts writes one)")
         return [G.check_metadata(m, known_classes=self.detector.classes) for m in metadata]
 
     def score(self, images_BCHW: torch.Tensor, metadata) -> tuple[list[G.Verdict], list[dict[str, list[G.Detection]]]]:
         rows = self.check(metadata)
         if len(rows) != images_BCHW.shape[0]:
-            raise ValueError(f"got {images_BCHW.shape[0]} images but {len(rows)} metadata rows")
+            raise UserError(f"got {images_BCHW.shape[0]} images but {len(rows)} metadata rows")
         found = self.detector.detect(images_BCHW)
         pil = _to_pil(images_BCHW)
         verdicts, kept = [], []
@@ -240,7 +241,7 @@ class GenEvalReward:
 
     def __init__(self, scorer: GenEvalScorer, score: str = "partial"):
         if score not in ("partial", "strict", "correct"):
-            raise ValueError(f"geneval score {score!r}: use 'partial' (Flow-GRPO's reward), 'strict' or 'correct'")
+            raise UserError(f"geneval score {score!r}: use 'partial' (Flow-GRPO's reward), 'strict' or 'correct'")
         self.scorer, self.score = scorer, score
 
     def __call__(self, images, prompts, metadata=None):
@@ -277,7 +278,7 @@ def geneval(
     """GenEval reward (module docstring). ``detector``/``clip``: hub ids or local folders; the
     thresholds are GenEval's options with its defaults."""
     if score not in ("partial", "strict", "correct"):
-        raise ValueError(f"geneval score {score!r}: use 'partial' (Flow-GRPO's reward), 'strict' or 'correct'")
+        raise UserError(f"geneval score {score!r}: use 'partial' (Flow-GRPO's reward), 'strict' or 'correct'")
     th = G.Thresholds(threshold, counting_threshold, max_objects, max_overlap, position_threshold)
     det = ObjectDetector(detector, device, dtype, min_score=min(threshold, counting_threshold))
     colors = CropColors(clip, clip_processor, device, dtype, bgcolor=bgcolor, crop=crop)
