@@ -22,6 +22,7 @@ PROMPTS = ["a red cat", "a blue dog on a cube", "two green birds", "a yellow car
 
 
 def tiny_config(tmp_path: Path, out: str = "run", **sections) -> object:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = {
@@ -230,3 +231,84 @@ def test_resuming_with_another_lora_rank_names_the_key(tmp_path, three_checkpoin
     state.write_text(json.dumps(data))
     with pytest.raises(TrainingStopped, match=r"of shape \(4, \d+\), this model's is \(8, \d+\).*model.lora_rank"):
         _quiet(tiny_config(tmp_path, model={"lora_rank": 8}, train={"num_iterations": 4})).train()
+
+
+# ---------------------------------------------------------------------------------------------- judges
+@pytest.fixture(scope="module")
+def judge_servers():
+    """A healthy keyed judge-server and one that answers HTTP 500 to ~40 % of requests."""
+    from test_judges_http import KEY_ENV, SECRET, Server
+
+    env = {KEY_ENV: SECRET, "OMP_NUM_THREADS": "1"}
+    healthy = Server("--api-key-env", KEY_ENV, env=env)
+    flaky = Server("--api-key-env", KEY_ENV, "--error-rate", "0.4", "--seed", "1", env=env)
+    yield healthy, flaky
+    healthy.close()
+    flaky.close()
+
+
+def _judged(tmp_path, url, key="sk-flowalign-test-0123456789", **train):
+    import os
+
+    from test_judges_http import KEY_ENV
+
+    os.environ[KEY_ENV] = key
+    judge = {"endpoint": url, "model": "m", "api_key_env": KEY_ENV, "timeout": 5.0, "retries": 0, "concurrency": 4}
+    return tiny_config(tmp_path, rewards=[{"name": "win_rate", "args": {"judge": "vlm", "judge_args": judge}}],
+                       train={"num_iterations": 2, "ema": False, **train})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_judge_counts_are_logged_every_iteration(tmp_path, judge_servers, capsys):
+    healthy, flaky = judge_servers
+    _quiet(_judged(tmp_path, healthy.url)).train()
+    rows = read_metrics(tmp_path / "run")
+    # 2 groups of 4 images: 2 × 6 pairs per iteration
+    assert [(r["judge/requests"], r["judge/failures"], r["judge/ties_from_failures"]) for r in rows] == [(12, 0, 0)] * 2
+    assert "judge failed" not in capsys.readouterr().err
+    # some failures under the limit: counted, warned about, the run goes on
+    cfg = _judged(tmp_path / "flaky", flaky.url, judge_failure_limit=0.9)
+    _quiet(cfg).train()
+    rows = read_metrics(tmp_path / "flaky/run")
+    failures = [r["judge/failures"] for r in rows]
+    assert len(rows) == 2 and all(0 < f < 12 for f in failures), failures
+    assert [r["judge/ties_from_failures"] for r in rows] == failures
+    err = capsys.readouterr().err
+    assert f"warning: iteration 1: the judge failed {failures[0]} of 12 requests" in err
+    assert (tmp_path / "flaky/run/final/lora").is_dir()
+
+
+def test_failures_past_the_limit_stop_the_run(tmp_path, judge_servers):
+    _, flaky = judge_servers
+    with pytest.raises(TrainingStopped, match=r"stopped at iteration 1: the judge failed \d+ of 12 requests .*past "
+                                              r"train.judge_failure_limit=0.1"):
+        _quiet(_judged(tmp_path, flaky.url, judge_failure_limit=0.1)).train()
+    assert not (tmp_path / "run/final").exists()
+
+
+@pytest.mark.parametrize("fault", ["down", "wrong key"])
+def test_a_judge_that_is_down_or_refuses_the_key_stops_the_run(tmp_path, judge_servers, fault, capsys):
+    healthy, _ = judge_servers
+    url, key = (f"http://127.0.0.1:{_free_port()}/v1", "sk-flowalign-test-0123456789") if fault == "down" \
+        else (healthy.url, "sk-wrong")
+    # even a limit of 1.0 (any fraction tolerated) stops when every request failed
+    with pytest.raises(TrainingStopped) as err:
+        _quiet(_judged(tmp_path, url, key=key, judge_failure_limit=1.0)).train()
+    message = str(err.value)
+    assert message.startswith("stopped at iteration 1: the judge failed 12 of 12 requests (100%)")
+    assert "is the judge server up, and its endpoint and API key right?" in message and "\n" not in message
+    assert not (tmp_path / "run/final").exists()
+    row = read_metrics(tmp_path / "run")[-1]  # the stopped iteration's counts are logged
+    assert row["iteration"] == 1 and row["judge/failures"] == row["judge/requests"] == 12
+    # with judge_on_failure=warn the run goes on: every comparison a tie, nothing trained, warned every iteration
+    _quiet(_judged(tmp_path / "warn", url, key=key, judge_on_failure="warn")).train()
+    rows = read_metrics(tmp_path / "warn/run")
+    assert [r["judge/failures"] for r in rows] == [12, 12] and [r["train/optimizer_steps"] for r in rows] == [0, 0]
+    assert capsys.readouterr().err.count("the judge failed 12 of 12 requests (100%); scored as ties") == 2

@@ -162,7 +162,6 @@ def test_a_flood_of_bad_requests_leaves_it_answering_good_ones_with_bounded_thre
     # every bad request was answered: its 4xx, or 503 while the pool and its queue were full
     assert set(statuses) <= {400, 413, 503} and {400, 413} <= set(statuses), statuses
     assert max(idle_s) < 8  # idle connections are closed after the socket timeout (1 s), once served
-    print("flood:", {s: statuses.count(s) for s in set(statuses)}, "idle_s", round(max(idle_s), 2), "threads", base, max(peak))
     assert max(peak) <= base + WORKERS, (base, max(peak))
     after = [judge.prefer(["a cat"], images[1:], images[:1]).item() for _ in range(3)]
     assert after == [1.0, 1.0, 1.0] and server.proc.poll() is None
