@@ -3,7 +3,8 @@ wandb when configured. Only the main process writes.
 
 Stable metric names (the docs list them): ``reward/<name>/mean|std``, ``reward/total/mean``,
 ``train/approx_kl`` (per latent element, like ``train/kl``), ``train/clipfrac``, ``train/kl``, ``train/policy_loss``, ``train/grad_norm``,
-``train/zero_std_frac``, ``train/ratio_mean``, ``train/optimizer_steps``, ``eval/<name>`` (and
+``train/zero_std_frac``, ``train/ratio_mean``, ``train/optimizer_steps``, ``judge/requests``,
+``judge/failures``, ``judge/ties_from_failures`` (rewards that ask a judge), ``eval/<name>`` (and
 ``eval/<name>/<field>`` for rewards that report several scores, e.g. ``eval/pocket_gold/strict``),
 ``time/rollout_s``, ``time/reward_s``, ``time/train_s``, ``time/eval_s``, ``time/iteration_s``.
 """
