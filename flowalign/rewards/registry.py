@@ -85,7 +85,30 @@ def _call(factory: Callable, name: str, kind: str, args: dict[str, Any]):
     except TypeError as err:
         params = [p for p in inspect.signature(factory).parameters if p not in ("args", "kwargs")]
         raise UserError(f"{kind} {name!r}: {err}; its arguments are {params}") from err
-    return factory(**args)
+    try:
+        return factory(**args)
+    except Exception as err:
+        cause = _hub_failure(err)
+        if cause is None:
+            raise
+        raise UserError(f"{kind} {name!r}: its weights are neither in the local Hugging Face cache nor reachable "
+                        f"({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); download them once on a "
+                        "machine with access to huggingface.co (HF_HUB_OFFLINE=1 allows only cached files), or "
+                        "point the reward's args at local files") from err
+
+
+def _hub_failure(err: BaseException) -> BaseException | None:
+    """The Hugging Face Hub error (offline, not cached, unreachable, no such repository) behind ``err``, found
+    along its chain of causes (transformers re-raises it as an OSError, open_clip as a RuntimeError), or None."""
+    from huggingface_hub import errors as hub_errors
+
+    hub = (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, hub_errors.HfHubHTTPError)
+    seen = 0
+    while err is not None and seen < 16:
+        if isinstance(err, hub):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def build_reward(name: str, **args: Any) -> Reward:
