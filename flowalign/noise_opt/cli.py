@@ -116,6 +116,10 @@ def _run(cfg, prompts, metadata, seeds, source: str = "") -> list[dict]:
                              "pickscore, imagereward, aesthetic, pocket_clip)")
     check_prompts(rewards, metadata if metadata is not None else [{"prompt": p} for p in prompts],
                   "--prompts " + source if metadata is not None else "--prompt")
+    if cfg.search.category_weights:  # CARINOX: per-prompt reward weights by category
+        from .categories import category_aware
+
+        rewards = category_aware(rewards, cfg.search, metadata)
     model_cfg = cfg.model
     policy = load_policy(model_cfg)
     g, s = cfg.generation, cfg.search

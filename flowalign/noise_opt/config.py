@@ -82,6 +82,12 @@ class SearchConfig:
     num_seeds: int = _f(10, "best_of_n: candidates N; carinox: explored seeds k", min=1)
     optimize: str = _f("best", "carinox: optimize the best explored noise, or each of them (k× the calls)",
                        choices=("best", "each"))
+    category_weights: Optional[str] = _f(None, "CARINOX's category-aware rewards: builtin:carinox (the paper's table) "
+                                               "or a YAML file {category: {reward: multiplier}}; each prompt's reward "
+                                               "weights are multiplied by its category's row (prompt-file 'category' "
+                                               "or 'categories'); null = off")
+    category: Optional[str] = _f(None, "with category_weights: the category of prompts that name none (--prompt); "
+                                       "null = the table's 'none' row")
 
 
 @dataclass
@@ -128,6 +134,8 @@ def validate_noise_opt_config(cfg: NoiseOptConfig) -> None:
         if g.guidance_scale > 1:
             raise ConfigError(f"generation.guidance_scale={g.guidance_scale}: {cfg.model.family} runs without CFG; "
                               "set generation.guidance_scale=0")
+    if cfg.search.category is not None and not cfg.search.category_weights:
+        raise ConfigError(f"search.category={cfg.search.category!r} needs search.category_weights (e.g. builtin:carinox)")
     if len(o.adam_betas) != 2 or not all(0 <= b < 1 for b in o.adam_betas):
         raise ConfigError(f"optim.adam_betas={o.adam_betas} must be two values in [0, 1)")
     if not cfg.rewards:
