@@ -12,6 +12,17 @@ datasets = pytest.importorskip("datasets")
 
 from flowalign.prompts import parse_source, read_prompts  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Hub lookups fail at once (no network retries): a Hub source here is local or must not be fetched."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
 ROWS = [{"caption": "a red cube", "tag": "color"}, {"caption": "two blue balls", "tag": "count"},
         {"caption": "a red cube", "tag": "color"}]
 
@@ -89,8 +100,6 @@ def test_bad_sources_give_one_clear_error_each(tmp_path, monkeypatch):
 
 
 def test_unreachable_dataset_id_says_where_the_data_comes_from(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
     with pytest.raises(ValueError) as e:
         read_prompts("hf:flowalign-tests/no-such-dataset?split=test&column=caption")
@@ -98,3 +107,20 @@ def test_unreachable_dataset_id_says_where_the_data_comes_from(monkeypatch, tmp_
     assert "'flowalign-tests/no-such-dataset' is not in the local cache" in msg
     assert "offline mode is on" in msg
     assert "datasets.load_dataset('flowalign-tests/no-such-dataset', split='test')" in msg
+
+
+def test_bad_prompt_sources_stop_flowalign_train_before_anything_loads(tmp_path, capsys):
+    from pathlib import Path
+
+    from flowalign.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "configs/pocket/flow_grpo.yaml"
+    pq = tmp_path / "p.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(pq))
+    for source, message in ((f"{pq}?column=text", "has no column 'text' (its columns: caption, tag)"),
+                            ("hf:flowalign-tests/no-such-dataset?column=caption", "is not in the local cache")):
+        rc = main(["train", str(recipe), f"train.prompts={source}", f"run.output_dir={tmp_path / 'run'}", "--dry-run"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err
+        assert len([line for line in err.splitlines() if line.startswith("flowalign")]) == 1
+        assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
