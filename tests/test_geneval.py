@@ -63,6 +63,7 @@ COUNT3 = {"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude
     (2, False, False, 1 - 1 / 3),
     (4, False, False, 1 - 1 / 3),  # include holds (top 3), exclude fails; Flow-GRPO: |3-4|/3 off
     (0, False, False, 0.0),
+    (9, False, False, -1.0),  # 1 - |3 - 9|/3: the reference's credit is not bounded below
 ])
 def test_counting(n, correct, strict, score):
     objs = G.select([det("cat", (20 * i, 0, 20 * i + 10, 10), 0.95) for i in range(n)], "counting")
@@ -399,3 +400,21 @@ def test_the_color_classifier_picks_the_color_its_text_side_prefers(tiny_clip_di
     f = clip_features(colors.model.get_image_features(pixel_values=px)).float()
     want = [G.COLORS[i] for i in (f / f.norm(dim=-1, keepdim=True) @ text.T).argmax(1).tolist()]
     assert got == want
+
+
+def test_the_reward_checks_prompts_before_generation_and_scores_rows_without_prompt(tiny_detectors, tiny_clip_dir):
+    """What the trainer does before its first rollout (rewards.base.check_prompts), and what it passes
+    at scoring time (rows without their 'prompt')."""
+    from flowalign.rewards import build_rewards
+    from flowalign.rewards.base import check_prompts
+
+    rewards = build_rewards([{"name": "geneval", "args": {"detector": tiny_detectors["detr"], "clip": tiny_clip_dir,
+                                                          "device": "cpu", "threshold": 0.0}}])
+    good = {"prompt": "a photo of a cat", "tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+    check_prompts(rewards, [good], "train.prompts=x.jsonl")
+    with pytest.raises(ValueError, match=r"train.prompts=x.jsonl: reward geneval cannot score prompt 2 "
+                                         r"'a photo of a dog': GenEval metadata is missing the field 'include'"):
+        check_prompts(rewards, [good, {"prompt": "a photo of a dog", "tag": "single_object"}], "train.prompts=x.jsonl")
+    scores, info = rewards(_images(1), ["a photo of a cat"], [{k: v for k, v in good.items() if k != "prompt"}])
+    assert scores.shape == (1,) and float(scores[0]) <= 1  # 1 - |1 - found|: below 0 past 2 cats found
+    assert set(info["info"]["geneval"]["per_tag"]) == {"single_object", "overall", "overall_images"}

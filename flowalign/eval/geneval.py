@@ -33,7 +33,8 @@ reward Flow-GRPO trains on (its reward server's ``evaluate_reward``): ``strict``
 ``count`` objects of every included class (and all of them of the right color), ``score`` is the
 mean of per-clause partial credits ``1 − |count − found| / count`` for counts and colors, 0 for a
 color or position that cannot be checked, and for a position clause 1 when it holds and (as the
-reference server does) both 0 and 1 when it fails; ``exclude`` clauses do not enter ``score``.
+reference server does) both 0 and 1 when it fails; ``exclude`` clauses do not enter ``score``, and
+``score`` goes below 0 when far more objects are found than asked (``1 − |1 − 3|/1 = −1``), as there.
 """
 
 from __future__ import annotations
@@ -89,20 +90,21 @@ def class_of_label(label: str) -> str | None:
 # metadata: checking and reading
 
 
-def check_metadata(row: Mapping, *, known_classes: Iterable[str] | None = None) -> dict:
+def check_metadata(row: Mapping, *, known_classes: Iterable[str] | None = None, need_prompt: bool = True) -> dict:
     """``row`` if it is a well-formed GenEval metadata row, else ValueError naming the field and the fix.
-    ``known_classes``: when given, every ``class`` must be one of them (a closed-vocabulary detector)."""
+    ``known_classes``: when given, every ``class`` must be one of them (a closed-vocabulary detector);
+    ``need_prompt=False`` for the metadata a reward receives (the prompt comes separately)."""
     if not isinstance(row, Mapping):
         raise UserError(f"GenEval metadata must be a JSON object, got {type(row).__name__}")
     example = ('{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "pink"}], '
                '"prompt": "a photo of a pink car"}')
-    for key in ("tag", "include", "prompt"):
+    for key in ("tag", "include", "prompt") if need_prompt else ("tag", "include"):
         if key not in row:
             raise UserError(f"GenEval metadata is missing the field {key!r}; every row needs 'tag', 'include' "
                              f"and 'prompt' (and 'exclude' for counting), e.g. {example}")
     if not isinstance(row["tag"], str) or not row["tag"]:
         raise UserError(f"GenEval metadata 'tag' must be a non-empty string such as {', '.join(TAGS)}")
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+    if need_prompt and (not isinstance(row["prompt"], str) or not row["prompt"].strip()):
         raise UserError("GenEval metadata 'prompt' must be a non-empty string")
     known = None if known_classes is None else set(known_classes)
     for kind in ("include", "exclude"):

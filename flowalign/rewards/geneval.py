@@ -214,7 +214,7 @@ class GenEvalScorer:
         if metadata is None:
             raise UserError("the geneval reward needs each prompt's GenEval metadata (tag, include, exclude); "
                              "give a .jsonl prompt file in GenEval's format (flowalign geneval-prompts writes one)")
-        return [G.check_metadata(m, known_classes=self.detector.classes) for m in metadata]
+        return [G.check_metadata(m, known_classes=self.detector.classes, need_prompt=False) for m in metadata]
 
     def score(self, images_BCHW: torch.Tensor, metadata) -> tuple[list[G.Verdict], list[dict[str, list[G.Detection]]]]:
         rows = self.check(metadata)
@@ -243,6 +243,17 @@ class GenEvalReward:
         if score not in ("partial", "strict", "correct"):
             raise UserError(f"geneval score {score!r}: use 'partial' (Flow-GRPO's reward), 'strict' or 'correct'")
         self.scorer, self.score = scorer, score
+
+    def check_prompts(self, prompts: list[str], metadata: list[dict] | None = None) -> None:
+        """Before any image is made: every prompt has well-formed GenEval metadata naming only classes
+        the detector knows (ValueError naming the first that has not)."""
+        if metadata is None:
+            self.scorer.check(None)
+        for i, (p, m) in enumerate(zip(prompts, metadata)):
+            try:
+                G.check_metadata(m, known_classes=self.scorer.detector.classes, need_prompt=False)
+            except ValueError as e:
+                raise ValueError(f"prompt {i + 1} {p!r}: {e}") from None
 
     def __call__(self, images, prompts, metadata=None):
         verdicts, _ = self.scorer.score(images, metadata)
