@@ -124,3 +124,19 @@ def test_bad_prompt_sources_stop_flowalign_train_before_anything_loads(tmp_path,
         assert rc == 2 and message in err and "Traceback" not in err, err
         assert len([line for line in err.splitlines() if line.startswith("flowalign")]) == 1
         assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+def test_a_recipes_local_source_with_options_is_found_from_any_folder(tmp_path, monkeypatch):
+    from flowalign.config import load_config
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "p.csv").write_text("caption\na red cube\n")
+    (tmp_path / "configs").mkdir()
+    cfg_file = tmp_path / "configs" / "x.yaml"
+    cfg_file.write_text("model: {family: sd3}\ntrain: {prompts: 'prompts/p.csv?column=caption'}\n"
+                        "eval: {prompts: 'hf:owner/name?split=test'}\n")
+    monkeypatch.chdir(tmp_path / "configs")  # prompts/ is not below the current folder
+    cfg = load_config(cfg_file)
+    assert cfg.train.prompts == f"{tmp_path / 'prompts' / 'p.csv'}?column=caption"
+    assert cfg.eval.prompts == "hf:owner/name?split=test"  # a Hub source is left as written
+    assert read_prompts(cfg.train.prompts) == [{"prompt": "a red cube"}]
