@@ -65,7 +65,7 @@ class JudgeServer(HTTPServer):
 
     def __init__(self, port: int, reward, model_name: str, delay: float = 0.0, error_rate: float = 0.0,
                  malformed_rate: float = 0.0, timeout_rate: float = 0.0, timeout_sleep: float = 30.0,
-                 seed: int = 0, verbose: bool = False, api_key: str | None = None, workers: int = 8,
+                 seed: int = 0, verbose: bool = False, api_key: str | None = None, workers: int = 32,
                  socket_timeout: float = 30.0, max_body_bytes: int = 64 << 20,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
         if error_rate + malformed_rate + timeout_rate > 1:
@@ -308,7 +308,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
     p.add_argument("--api-key-env", default=None,
                    help="require 'Authorization: Bearer <key>' with the key read from this environment variable")
-    p.add_argument("--workers", type=int, default=8, help="threads serving connections (as many more may wait)")
+    p.add_argument("--workers", type=int, default=32, help="threads serving connections (as many more may wait)")
     p.add_argument("--socket-timeout", type=float, default=30.0,
                    help="seconds a connection may stay silent before it is closed")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, in MiB")
