@@ -407,8 +407,8 @@ class GRPOTrainer:
         t = self.cfg.train
         dev = float(self._gather(torch.tensor([dev], device=self.device)).max())
         limit = t.ratio_dev_warn if t.ratio_dev_warn is not None else t.clip_range
-        if dev > limit and self.is_main:
-            self.log(f"warning: iteration {iteration + 1}: before any update the recomputed log-probs differ from the "
+        if dev > limit:
+            self._warn(f"iteration {iteration + 1}: before any update the recomputed log-probs differ from the "
                      f"rollout's (largest |ratio - 1| = {dev:.3g} > {limit:g}, train.ratio_dev_warn): the update sees "
                      "other numbers than the rollout did; check train.mixed_precision and model.dtype, and that a "
                      "row's velocity does not depend on its batch (sampling.batch_size vs train.micro_batch_size)")
