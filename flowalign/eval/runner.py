@@ -266,7 +266,10 @@ class UniGenBenchBenchmark:
         from .unigenbench import format_summary, summarize
 
         items = [it for it in self.items for _ in range(self.n)]
-        results = self.judge.evaluate([(it, j.path) for it, j in zip(items, jobs)])
+        try:
+            results = self.judge.evaluate([(it, j.path) for it, j in zip(items, jobs)])
+        finally:
+            self.client.close()
         summary = summarize(results)
         summary["client"] = dict(self.client.stats)
         per_image = [{"file": r.image, "index": r.item.index, "prompt": r.item.prompt,
