@@ -194,7 +194,13 @@ def _hub_rows(src: PromptSource):
     kwargs = {k: o[k] for k in ("name", "data_files", "revision") if k in o}
     try:
         data = datasets.load_dataset(src.location, split=split, **kwargs)
-    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:  # ConnectionError, FileNotFoundError
+    except datasets.exceptions.DatasetNotFoundError as e:
+        raise ValueError(
+            f"prompt source {src.text!r}: the Hub has no dataset {src.location!r} that this machine may read "
+            f"({str(e).splitlines()[0][:200]}); check the id (https://huggingface.co/datasets/{src.location}), or, for "
+            f"a gated or private dataset, accept its terms and log in (`hf auth login`)"
+        ) from None
+    except OSError as e:  # ConnectionError (unreachable, offline), FileNotFoundError (a data_files path)
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
             os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
         fetch = f"datasets.load_dataset({src.location!r}, split={split!r}" + "".join(

@@ -140,3 +140,14 @@ def test_a_recipes_local_source_with_options_is_found_from_any_folder(tmp_path, 
     assert cfg.train.prompts == f"{tmp_path / 'prompts' / 'p.csv'}?column=caption"
     assert cfg.eval.prompts == "hf:owner/name?split=test"  # a Hub source is left as written
     assert read_prompts(cfg.train.prompts) == [{"prompt": "a red cube"}]
+
+
+def test_a_dataset_the_hub_does_not_have_is_named(monkeypatch):
+    # what datasets raises when the Hub answers that no such dataset exists (not reachable offline here)
+    def not_found(path, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(ValueError, match=r"the Hub has no dataset 'owner/nmae' that this machine may read .*check the id "
+                                         r"\(https://huggingface.co/datasets/owner/nmae\)"):
+        read_prompts("hf:owner/nmae?column=caption")
