@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..models.families import FAMILIES
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:pocket",
                    help="diffusers pipeline folder, hub id, or builtin:pocket (default)")
     p.add_argument("--lora", default=None, help="LoRA folder to apply (written by save_adapter / flowalign train)")
-    p.add_argument("--family", default=None, help="model family (default: read from the model's model_index.json)")
+    p.add_argument("--family", default=None, choices=tuple(FAMILIES),
+                   help="model family (default: read from the model's model_index.json)")
     p.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed; image i uses noise (seed, i)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's; pocket 20)")
@@ -112,7 +115,9 @@ def register(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("eval", help="generate a benchmark's images with a model (+ LoRA) and score them "
                                            "(pocket, geneval, unigenbench); resumable",
-                              description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                              description="Generate a benchmark's images with a model (+ LoRA), resuming what "
+                                          "an earlier run left, and score them.",
+                              epilog="examples:\n" + __doc__.split("\n\n")[1],
                               formatter_class=fmt)
     p.add_argument("benchmark", choices=("pocket", "geneval", "unigenbench"))
     p.add_argument("--prompts", default=None, help="the benchmark's prompt file (pocket .jsonl, GenEval metadata "
