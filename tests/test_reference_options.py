@@ -180,7 +180,7 @@ def test_ratio_is_one_before_the_first_update_and_a_mismatch_warns(tmp_path, cap
                   "lora_rank": 4, "lora_alpha": 8.0, "max_sequence_length": MAX_SEQUENCE_LENGTH},
         "sampling": {"num_steps": 3, "height": 32, "width": 32, "guidance_scale": 2.0},
         "train": {"prompts": str(prompts), "group_size": 4, "prompts_per_iteration": 2, "micro_batch_size": 4,
-                  "num_iterations": 2, "mixed_precision": "fp32", "lr": 1e-2, "clip_range": 0.2,
+                  "num_iterations": 3, "mixed_precision": "fp32", "lr": 1e-2, "clip_range": 0.2,
                   "ratio_dev_warn": 0.005, "ema": True, "ema_every": 2, "ema_warmup": True},
         "rewards": [{"name": "jpeg_incompressibility"}],
         "run": {"output_dir": str(tmp_path / "run"), "tracker": "none", "progress": False},
@@ -200,11 +200,16 @@ def test_ratio_is_one_before_the_first_update_and_a_mismatch_warns(tmp_path, cap
     assert metrics["train/ratio_dev_first_step"] == pytest.approx(math.exp(0.01) - 1, abs=2e-5)
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warned) == 1 and "iteration 2: before any update" in warned[0] and "train.ratio_dev_warn" in warned[0]
+    batch = trainer.rollout(2)  # the warning comes once a run; the metric every iteration
+    trainer.score(batch)
+    batch.log_probs -= 0.01
+    assert trainer.update(batch, 2)["train/ratio_dev_first_step"] == pytest.approx(math.exp(0.01) - 1, abs=2e-5)
+    assert "warning" not in capsys.readouterr().err
     # the EMA schedule (every 2 optimizer steps, warm-up) survives a checkpoint
-    assert trainer.state.ema.steps == 4
-    path = trainer.state.save(2)
+    assert trainer.state.ema.steps == 6
+    path = trainer.state.save(3)
     again = GRPOTrainer(cfg, log=lambda *_: None)
-    assert again.state.load(path) == 2 and again.state.ema.steps == 4
+    assert again.state.load(path) == 3 and again.state.ema.steps == 6
 
 
 # ------------------------------------------------------------------ DanceGRPO's --ignore_last

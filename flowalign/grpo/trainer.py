@@ -111,6 +111,7 @@ class GRPOTrainer:
             self.evaluator = Evaluator(self.eval_prompts, eval_reward, cfg.eval, s, self.latent_shape,
                                        noise_stream=Stream.EVAL_NOISE, output_dir=self.output_dir)
         self.iteration = 0
+        self._ratio_warned = False  # the ratio check warns once per run; the metric is logged every iteration
 
     def _check_before_loading(self, policy) -> None:
         """What can fail without a model, checked before minutes go into loading one: the output folder
@@ -401,17 +402,19 @@ class GRPOTrainer:
         """``train/ratio_dev_first_step``: the largest |ratio - 1| over all processes before the iteration's
         first optimizer step, where the policy is still the rollout's and the recomputed log-prob must equal
         the recorded one (objectives without a ratio report none). Past ``train.ratio_dev_warn`` (default
-        the clip range: PPO would clip on numerical noise) a warning line names what to check."""
+        the clip range: PPO would clip on numerical noise) a warning line names what to check, the first time."""
         if dev is None:
             return {}
         t = self.cfg.train
         dev = float(self._gather(torch.tensor([dev], device=self.device)).max())
         limit = t.ratio_dev_warn if t.ratio_dev_warn is not None else t.clip_range
-        if dev > limit:
+        if dev > limit and not self._ratio_warned:
+            self._ratio_warned = True
             self._warn(f"iteration {iteration + 1}: before any update the recomputed log-probs differ from the "
                      f"rollout's (largest |ratio - 1| = {dev:.3g} > {limit:g}, train.ratio_dev_warn): the update sees "
                      "other numbers than the rollout did; check train.mixed_precision and model.dtype, and that a "
-                     "row's velocity does not depend on its batch (sampling.batch_size vs train.micro_batch_size)")
+                     "row's velocity does not depend on its batch (sampling.batch_size vs train.micro_batch_size); "
+                     "warned once, train/ratio_dev_first_step is logged every iteration")
         return {"train/ratio_dev_first_step": dev}
 
     def _micro_step(self, batch: RolloutBatch, rows, cols, alive, scale: float) -> tuple[dict, torch.Tensor]:
