@@ -195,7 +195,7 @@ def _hub_rows(src: PromptSource):
     try:
         data = datasets.load_dataset(src.location, split=split, **kwargs)
     except datasets.exceptions.DatasetNotFoundError as e:
-        raise ValueError(
+        raise UserError(
             f"prompt source {src.text!r}: the Hub has no dataset {src.location!r} that this machine may read "
             f"({str(e).splitlines()[0][:200]}); check the id (https://huggingface.co/datasets/{src.location}), or, for "
             f"a gated or private dataset, accept its terms and log in (`hf auth login`)"

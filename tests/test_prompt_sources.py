@@ -148,6 +148,8 @@ def test_a_dataset_the_hub_does_not_have_is_named(monkeypatch):
         raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub or cannot be accessed.")
 
     monkeypatch.setattr(datasets, "load_dataset", not_found)
-    with pytest.raises(ValueError, match=r"the Hub has no dataset 'owner/nmae' that this machine may read .*check the id "
+    from flowalign.errors import UserError
+
+    with pytest.raises(UserError, match=r"the Hub has no dataset 'owner/nmae' that this machine may read .*check the id "
                                          r"\(https://huggingface.co/datasets/owner/nmae\)"):
         read_prompts("hf:owner/nmae?column=caption")
