@@ -26,8 +26,8 @@ WORKERS = 4
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--api-key-env", KEY_ENV, "--workers", str(WORKERS), "--socket-timeout", "1", "--max-body-mb", "1",
-               env={KEY_ENV: SECRET, "OMP_NUM_THREADS": "1"})
+    s = Server("--api-key-env", KEY_ENV, "--workers", str(WORKERS), "--socket-timeout", "1", "--request-timeout", "3",
+               "--max-body-mb", "1", env={KEY_ENV: SECRET, "OMP_NUM_THREADS": "1"})
     yield s
     s.close()
 
@@ -165,3 +165,29 @@ def test_a_flood_of_bad_requests_leaves_it_answering_good_ones_with_bounded_thre
     assert max(peak) <= base + WORKERS, (base, max(peak))
     after = [judge.prefer(["a cat"], images[1:], images[:1]).item() for _ in range(3)]
     assert after == [1.0, 1.0, 1.0] and server.proc.poll() is None
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_client_trickling_bytes_is_cut_off_at_the_request_deadline(server, part):
+    """One byte every 0.5 s keeps each read inside the 1 s socket timeout; the 3 s request deadline ends it."""
+    head = _post(_chat(GOOD, GOOD))
+    start = head.index(b"\r\n\r\n") + 4 if part == "body" else 20
+    t0 = time.time()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head[:start])
+        closed = False
+        for byte in head[start:start + 40]:
+            time.sleep(0.5)
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        if not closed:
+            sock.settimeout(5)
+            try:
+                while sock.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+    assert time.time() - t0 < 8  # cut off after ~3 s (the 40 bytes would take 20 s)

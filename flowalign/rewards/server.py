@@ -24,7 +24,7 @@ The server binds 127.0.0.1 only. ``--port 0`` picks a free port; the first stdou
 
 It is hardened against bad clients: ``--workers`` threads serve connections (at most as many again
 wait; past that a connection is answered 503 at once), every socket read times out after
-``--socket-timeout`` seconds, a body needs a ``Content-Length`` of at most ``--max-body-mb`` and the
+``--socket-timeout`` seconds and a whole request after ``--request-timeout``, a body needs a ``Content-Length`` of at most ``--max-body-mb`` and the
 ``application/json`` content type, every malformed request or image (bad JSON, bad base64, not an
 image, more than ``--max-image-pixels``) is a 4xx answer with a message, and the API key is compared
 in constant time.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import io
 import json
 import os
 import random
@@ -66,16 +67,18 @@ class JudgeServer(HTTPServer):
     def __init__(self, port: int, reward, model_name: str, delay: float = 0.0, error_rate: float = 0.0,
                  malformed_rate: float = 0.0, timeout_rate: float = 0.0, timeout_sleep: float = 30.0,
                  seed: int = 0, verbose: bool = False, api_key: str | None = None, workers: int = 32,
-                 socket_timeout: float = 30.0, max_body_bytes: int = 64 << 20,
+                 socket_timeout: float = 30.0, request_timeout: float = 120.0, max_body_bytes: int = 64 << 20,
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
         if error_rate + malformed_rate + timeout_rate > 1:
             raise ValueError("error_rate + malformed_rate + timeout_rate must be <= 1")
-        if workers < 1 or socket_timeout <= 0 or max_body_bytes < 1 or max_image_pixels < 1:
-            raise ValueError("need workers >= 1, socket_timeout > 0, max_body_bytes >= 1, max_image_pixels >= 1")
+        if workers < 1 or socket_timeout <= 0 or request_timeout <= 0 or max_body_bytes < 1 or max_image_pixels < 1:
+            raise ValueError("need workers >= 1, socket_timeout > 0, request_timeout > 0, max_body_bytes >= 1, "
+                             "max_image_pixels >= 1")
         super().__init__((HOST, port), JudgeHandler)
         self.reward, self.model_name, self.verbose = reward, model_name, verbose
         self._api_key = api_key
-        self.socket_timeout, self.max_body_bytes, self.max_image_pixels = socket_timeout, max_body_bytes, max_image_pixels
+        self.socket_timeout, self.request_timeout = socket_timeout, request_timeout
+        self.max_body_bytes, self.max_image_pixels = max_body_bytes, max_image_pixels
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge-server")
         self._slots = threading.BoundedSemaphore(2 * workers)  # served + waiting connections
         self.delay, self.timeout_sleep = delay, timeout_sleep
@@ -156,6 +159,28 @@ def pointwise_answer(r: float) -> str:
     return f"Alignment Score (1-5): {r:.6g}\nCoherence Score (1-5): {r:.6g}\nStyle Score (1-5): {r:.6g}"
 
 
+class _DeadlineSocket(io.RawIOBase):
+    """A connection's raw reader: each receive waits at most ``idle`` seconds, and none starts or outlasts
+    ``total`` seconds from the connection's start (``TimeoutError``), so a client trickling bytes cannot
+    hold a worker longer than that however it paces them."""
+
+    def __init__(self, sock, idle: float, total: float):
+        self.sock, self.idle, self.end = sock, idle, time.monotonic() + total
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not received in time")
+        self.sock.settimeout(min(self.idle, left))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.idle)  # what the writes of the answer wait
+
+
 class JudgeHandler(BaseHTTPRequestHandler):
     server: JudgeServer
     server_version = "flowalign-judge"
@@ -163,6 +188,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.socket_timeout  # every read and write of the connection
         super().setup()
+        self.rfile = io.BufferedReader(_DeadlineSocket(self.connection, self.timeout, self.server.request_timeout))
 
     def log_message(self, fmt, *args):
         if self.server.verbose:
@@ -311,6 +337,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=32, help="threads serving connections (as many more may wait)")
     p.add_argument("--socket-timeout", type=float, default=30.0,
                    help="seconds a connection may stay silent before it is closed")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds a client has to send a whole request (against clients that trickle bytes)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body, in MiB")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="largest image accepted, in pixels (width × height)")
@@ -337,7 +365,7 @@ def make_server(args: argparse.Namespace) -> JudgeServer:
     reward = build_reward(args.reward, **reward_args)
     return JudgeServer(args.port, reward, args.model_name, args.delay, args.error_rate, args.malformed_rate,
                        args.timeout_rate, args.timeout_sleep, args.seed, args.verbose, api_key,
-                       workers=args.workers, socket_timeout=args.socket_timeout,
+                       workers=args.workers, socket_timeout=args.socket_timeout, request_timeout=args.request_timeout,
                        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_image_pixels=args.max_image_pixels)
 
 
