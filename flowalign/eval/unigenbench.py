@@ -3,7 +3,8 @@ test point by a VLM through the OpenAI-compatible judge client (``flowalign.rewa
 
 **Prompt file** (the benchmark's ``data/test_prompts_en.csv``): columns ``index``, ``prompt_en`` and
 ``sub_dims_en``, a JSON object with ``"Testpoints"`` (names such as ``"Attribute - Color"``) and
-``"Testpoint Description"`` (one sentence per test point, same length); ``_zh`` columns for Chinese.
+``"Testpoint Description"`` (one sentence per test point, same length); ``_zh`` columns for Chinese
+(``language="zh"`` reads them; the judge is still asked in English, the reference has a Chinese prompt).
 
 **Judging** (the benchmark's ``eval/qwenvl_72b_en_eval.py``): one request per image with the prompt,
 the test points, their definitions and descriptions; the judge answers
