@@ -83,10 +83,8 @@ class TrainState:
         from safetensors.torch import save_file
 
         final = self.checkpoint_dir / f"iter_{iteration:06d}"
+        self._refuse_nonfinite(self._named_state(), f"write checkpoint {final.name}")
         if self.acc.is_main_process:
-            bad = _first_nonfinite(self._named_state())
-            if bad is not None:
-                raise TrainingStopped(f"refusing to write checkpoint {final.name}: {bad} is not finite")
             with atomic_dir(final, fsync=True) as tmp:
                 save_file({n: p.detach().cpu().contiguous() for n, p in zip(self.names, self.params)},
                           str(tmp / "trainable.safetensors"))
@@ -193,16 +191,23 @@ class TrainState:
         """The trained weights (EMA when enabled): LoRA in diffusers format under ``final/lora``, or the
         full denoiser under ``final/<denoiser>``."""
         out = self.output_dir / "final"
-        if self.acc.is_main_process:
-            name = "lora" if policy.train_mode == "lora" else policy.denoiser_name
-            with self.ema_weights():
-                bad = _first_nonfinite(zip(self.names, self.params))
-                if bad is not None:
-                    raise TrainingStopped(f"refusing to export {out / name}: {bad} is not finite")
+        name = "lora" if policy.train_mode == "lora" else policy.denoiser_name
+        with self.ema_weights():
+            self._refuse_nonfinite(zip(self.names, self.params), f"export {out / name}")
+            if self.acc.is_main_process:
                 with atomic_dir(out / name, fsync=True) as tmp:
                     policy.save_adapter(tmp)
         self.acc.wait_for_everyone()
         return out
+
+    def _refuse_nonfinite(self, named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+        """``TrainingStopped`` on every process when a tensor of ``named`` holds a NaN or inf on any process."""
+        bad = _first_nonfinite(named)
+        flag = torch.tensor([float(bad is not None)], device=self.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.gather(flag)
+        if bool(flag.any()):
+            raise TrainingStopped(f"refusing to {what}: {bad or 'a tensor of another process'} is not finite")
 
 
 def verify_checkpoint(path: Path) -> str | None:

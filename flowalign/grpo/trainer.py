@@ -437,8 +437,10 @@ class GRPOTrainer:
             raise TrainingStopped(f"the gradient norm is {float(grad_norm)}; lower train.lr or set train.max_grad_norm")
 
     def _check_finite_parameters(self) -> None:
-        """After an optimizer step: every trainable parameter is finite, else ``TrainingStopped``."""
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+        """After an optimizer step: every trainable parameter is finite on every process (each may hold a
+        shard), else ``TrainingStopped``."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all().float()
+        if not bool(self._gather(finite[None]).min()):
             raise TrainingStopped("a trainable parameter is not finite after the optimizer step; lower train.lr")
 
     def _grad_sync(self, sync: bool):

@@ -24,10 +24,10 @@ The server binds 127.0.0.1 only. ``--port 0`` picks a free port; the first stdou
 
 It is hardened against bad clients: ``--workers`` threads serve connections (at most as many again
 wait; past that a connection is answered 503 at once), every socket read times out after
-``--socket-timeout`` seconds and a whole request after ``--request-timeout``, a body needs a ``Content-Length`` of at most ``--max-body-mb`` and the
-``application/json`` content type, every malformed request or image (bad JSON, bad base64, not an
-image, more than ``--max-image-pixels``) is a 4xx answer with a message, and the API key is compared
-in constant time.
+``--socket-timeout`` seconds and a whole request after ``--request-timeout``, a body needs a
+``Content-Length`` of at most ``--max-body-mb`` and the ``application/json`` content type, every
+malformed request or image (bad JSON, bad base64, not an image, more than ``--max-image-pixels``) is a
+4xx answer with a message, and the API key is compared in constant time.
 
     python -m flowalign.rewards.server --reward jpeg_incompressibility --port 0
 """
