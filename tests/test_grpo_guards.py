@@ -312,3 +312,26 @@ def test_a_judge_that_is_down_or_refuses_the_key_stops_the_run(tmp_path, judge_s
     rows = read_metrics(tmp_path / "warn/run")
     assert [r["judge/failures"] for r in rows] == [12, 12] and [r["train/optimizer_steps"] for r in rows] == [0, 0]
     assert capsys.readouterr().err.count("the judge failed 12 of 12 requests (100%); scored as ties") == 2
+
+
+def test_judge_counts_sum_the_judges_of_a_multi_reward(judge_servers):
+    import os
+
+    from test_judges_http import KEY_ENV, SECRET, _noise_levels
+
+    from flowalign.rewards import build_rewards
+    from flowalign.rewards.pairwise import judge_counts
+
+    os.environ[KEY_ENV] = SECRET
+    healthy, _ = judge_servers
+    client = {"model": "m", "api_key_env": KEY_ENV, "timeout": 5.0, "retries": 0}
+    rewards = build_rewards([
+        {"name": "vlm_score", "args": {"endpoint": healthy.url, **client}},
+        {"name": "vlm_score", "args": {"endpoint": f"http://127.0.0.1:{_free_port()}/v1", **client}},
+        {"name": "jpeg_incompressibility"},
+    ])
+    images = _noise_levels([0.1, 0.5, 0.9])
+    _, info = rewards(images, ["p"] * 3, None)
+    # pointwise judges fill failures in neutrally: counted as failures, not as ties
+    assert judge_counts(info) == {"requests": 6, "failures": 3, "ties_from_failures": 0}
+    assert judge_counts(build_rewards([{"name": "jpeg_incompressibility"}])(images, ["p"] * 3, None)[1]) is None
