@@ -127,7 +127,7 @@ class TrainState:
                 for p in remove_stale_partials(d)]
 
     def latest(self, warn: Callable[[str], None] | None = None) -> Path | None:
-        """The newest intact checkpoint (``verify``), None when there is none; ``warn`` is told about every
+        """The newest intact checkpoint (``verify_checkpoint``), None when there is none; ``warn`` is told of every
         newer damaged one (naming it, why, and the one used instead). Damaged ones only:
         ``TrainingStopped``."""
         found = self.checkpoints()
