@@ -362,7 +362,7 @@ def test_every_pocket_preset_runs_an_iteration(tmp_path, preset):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.group_size=1"], "train.group_size' must be >= 2"),
-    (["model.train_mode=full", "train.kl_beta=0.04"], "needs a frozen reference model"),
+    (["train.reference_device=cpu"], "train.reference_device=cpu places the frozen reference copy"),
     (["sampling.plan=window", "sampling.window_size=12"], "window_size=12 exceeds sampling.num_steps=8"),
     (["train.micro_batch_size=1000"], "larger than the images per iteration"),
     (["train.lrr=1"], "did you mean 'train.lr'"),

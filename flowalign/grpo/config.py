@@ -75,6 +75,13 @@ class TrainConfig:
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon (for element-averaged log-probs)", gt=0)
     adv_clip_max: float = _f(5.0, "advantages clipped to [-max, max]", gt=0)
     kl_beta: float = _f(0.04, "coefficient of the KL to the reference model (0 = off)", min=0)
+    reference_device: str = _f("model", "model.train_mode=full with kl_beta > 0: where the frozen copy of the "
+                                        "initial denoiser (the KL's reference) lives, model (the policy's device) "
+                                        "or cpu (saves its memory, one forward per KL term on the CPU); one copy "
+                                        "per process", choices=("model", "cpu"))
+    reference_dtype: str = _f("model", "model.train_mode=full with kl_beta > 0: dtype of the frozen reference "
+                                       "copy, model (model.dtype) or float32, bfloat16, float16",
+                              choices=("model", "float32", "bfloat16", "float16"))
     kl_form: str = _f("exact", "KL to the reference: exact (the Gaussian transitions' KL, ÷2(σ_t·√|Δt|)²) or "
                                "flow_grpo (Flow-GRPO's code, ÷2σ_t²: |Δt| times the exact one; needs "
                                "sampling.sde_kind=flow_grpo)", choices=("exact", "flow_grpo"))
@@ -187,11 +194,13 @@ def validate_config(cfg: Config) -> None:
             f"model.family={cfg.model.family} is a one-step UNet generator for noise optimization; "
             f"GRPO needs a flow model ({' or '.join(FLOW_FAMILIES)})"
         )
-    if cfg.model.train_mode == "full" and t.kl_beta > 0:
-        raise ConfigError(
-            "train.kl_beta > 0 needs a frozen reference model, and model.train_mode=full changes the base weights "
-            "(LoRA's reference is the base with adapters off); use model.train_mode=lora or set train.kl_beta=0"
-        )
+    uses_copy = cfg.model.train_mode == "full" and t.kl_beta > 0
+    for key in ("reference_device", "reference_dtype"):
+        if getattr(t, key) != "model" and not uses_copy:
+            raise ConfigError(
+                f"train.{key}={getattr(t, key)} places the frozen reference copy kept for model.train_mode=full with "
+                f"train.kl_beta > 0; this run has none (LoRA's reference is the base with adapters off): remove it"
+            )
     if t.kl_form == "flow_grpo" and s.sde_kind != "flow_grpo":
         raise ConfigError(f"train.kl_form=flow_grpo is Flow-GRPO's KL of its own SDE; with sampling.sde_kind="
                           f"{s.sde_kind} use train.kl_form=exact")

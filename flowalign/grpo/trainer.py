@@ -180,6 +180,8 @@ class GRPOTrainer:
         if not params:
             raise ConfigError("the policy has no trainable parameters; use model.train_mode=lora or full")
         names = [n for n, p in self.policy.denoiser.named_parameters() if p.requires_grad]
+        if self.policy.train_mode == "full" and t.kl_beta > 0:  # the initial weights, before any wrapper shards them
+            self.policy.attach_reference(self._frozen_reference())
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self._wrapped, optimizer = self.acc.prepare(self.policy.denoiser, opt)
         self.policy.wrap_denoiser(self._wrapped)
@@ -190,6 +192,17 @@ class GRPOTrainer:
                           ema_decay=t.ema_decay if t.ema else None, ema_every=t.ema_every, ema_warmup=t.ema_warmup,
                           keep_checkpoints=self.cfg.run.keep_checkpoints,
                           prompts_per_iteration=t.prompts_per_iteration, settings=settings)
+
+    def _frozen_reference(self):
+        """Full fine-tuning's KL reference: a frozen copy of the denoiser as loaded (``train.reference_device``,
+        ``train.reference_dtype``)."""
+        from ..torch_utils import resolve_dtype
+        from .reference import FrozenReference
+
+        t = self.cfg.train
+        return FrozenReference(self.policy.denoiser, device="cpu" if t.reference_device == "cpu" else self.device,
+                               dtype=self.policy.dtype if t.reference_dtype == "model" else resolve_dtype(t.reference_dtype),
+                               model_dtype=self.policy.dtype, out_device=self.device)
 
     def _gen(self, iteration: int, stream: Stream, *more: int, device="cpu") -> torch.Generator:
         return seeded_generator(self.cfg.run.seed, iteration, stream, *more, device=device)

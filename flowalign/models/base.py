@@ -207,6 +207,7 @@ class Policy:
 
         self._has_lora = False
         self._denoiser_call = None  # a distributed wrapper of the denoiser (see wrap_denoiser)
+        self._reference = None  # train_mode 'full': a frozen copy of the initial denoiser (see attach_reference)
         if lora_init_path is not None:
             if train_mode == "full":
                 raise UserError("model.lora_init_path needs train_mode 'lora' (keep training it) or 'none' (frozen)")
@@ -280,6 +281,14 @@ class Policy:
         DDP/FSDP wrapper) so gradients synchronise across processes; configuration and adapters are
         still read from ``self.denoiser``. ``None`` goes back to the plain module."""
         self._denoiser_call = module
+
+    def attach_reference(self, module: torch.nn.Module) -> None:
+        """train_mode 'full': the frozen copy of the base denoiser that ``reference()`` runs (called like
+        the denoiser; ``flowalign.grpo.reference.FrozenReference``)."""
+        if self.train_mode != "full":
+            raise ValueError(f"attach_reference() is for train_mode='full'; with {self.train_mode!r} the reference "
+                             "is the base itself (LoRA off)")
+        self._reference = module
 
     def run_denoiser(self, *args, **kwargs):
         """One forward of the denoiser (through its distributed wrapper when there is one)."""
@@ -398,14 +407,22 @@ class Policy:
         """The frozen base model, for the KL term: LoRA disabled inside the context, no second copy.
 
         train_mode 'none' without LoRA: the model is its own reference (no-op). train_mode 'full'
-        changes the base weights themselves, so there is no frozen base to fall back to: this raises;
-        load a second policy with train_mode='none' and use it as the reference.
+        changes the base weights themselves: its reference is the frozen copy given to
+        ``attach_reference`` (the trainer keeps one when the KL is on), run instead of the denoiser
+        inside the context; without one this raises.
         """
         if self.train_mode == "full":
-            raise ValueError(
-                "reference() is not available with train_mode='full': full fine-tuning changes the base weights. "
-                "Load an explicit frozen copy (load_policy with train_mode='none') and use it as the reference."
-            )
+            if self._reference is None:
+                raise ValueError(
+                    "reference() with train_mode='full' needs a frozen copy of the base denoiser: full fine-tuning "
+                    "changes the base weights. attach_reference(module) first (GRPOTrainer does with train.kl_beta > 0)."
+                )
+            call, self._denoiser_call = self._denoiser_call, self._reference
+            try:
+                yield self
+            finally:
+                self._denoiser_call = call
+            return
         if not self._has_lora:
             yield self
             return
