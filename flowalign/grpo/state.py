@@ -1,18 +1,26 @@
 """A training run's state and its files: checkpoints, resume, the EMA of the weights, the final export.
 
     output_dir/
-      checkpoints/iter_XXXXXX/   trainable.safetensors, ema.safetensors (with train.ema), optimizer.pt,
-                                 rng.pt, state.json (iteration, processes, sampler position, the size
-                                 and SHA-256 of every other file, the settings the weights' shapes and
-                                 meaning depend on); written whole or not at all (flowalign.io.atomic_dir,
-                                 fsynced); the last run.keep_checkpoints kept
+      checkpoints/iter_XXXXXX/   trainable.safetensors, ema.safetensors (with train.ema), optimizer.pt
+                                 (optimizer/ under FSDP), rng.pt, state.json (iteration, processes,
+                                 sampler position, the size and SHA-256 of every other file, the settings
+                                 the weights' shapes and meaning depend on); written whole or not at all
+                                 (flowalign.io.atomic_dir, fsynced); the last run.keep_checkpoints kept
       final/lora                 the trained (EMA when enabled) LoRA in diffusers format, loadable by the
-                                 stock pipeline's load_lora_weights; final/<denoiser> after full fine-tuning
+                                 stock pipeline's load_lora_weights; final/<denoiser> after full fine-tuning,
+                                 a diffusers model folder (``<ModelClass>.from_pretrained``)
 
-Only the main process writes; every method that writes waits for all processes. Nothing non-finite
-is ever written: ``save`` and ``export`` refuse NaN/inf tensors. A resume takes the newest checkpoint
-whose files match their recorded sizes and hashes, and refuses one written with other settings
-(``TrainingStopped`` naming the key).
+Only the main process writes files; every method that writes waits for all processes. Nothing
+non-finite is ever written: ``save`` and ``export`` refuse NaN/inf tensors. A resume takes the newest
+checkpoint whose files match their recorded sizes and hashes, and refuses one written with other
+settings (``TrainingStopped`` naming the key).
+
+Sharded training (FSDP2 through accelerate: the parameters, their EMA and the optimizer state are
+``DTensor`` shards): weights and EMA are gathered into full tensors (every process takes part, the
+main one writes), so ``trainable.safetensors``, ``ema.safetensors`` and the final export are the same
+files as without sharding; the optimizer state is written sharded by every process with
+``torch.distributed.checkpoint`` into ``optimizer/`` (on a file system all processes share) and read
+back resharded, so a resume is exact on any number of processes.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..ema import EMA
+from ..torch_utils import full_tensor, local_tensor
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, remove_stale_partials
 
@@ -46,17 +55,24 @@ class TrainingStopped(UserError):
 
 class TrainState:
     """The trainable parameters (``names`` as in the denoiser's ``named_parameters``), their optimizer
-    and EMA (``ema_decay`` None: no EMA), and the run's files under ``output_dir``."""
+    and EMA (``ema_decay`` None: no EMA), and the run's files under ``output_dir``. ``params`` are the
+    ones the optimizer steps, taken from the model ``accelerator.prepare`` returned (FSDP replaces them
+    with shards); ``model``: that module (the sharded optimizer state is read and written through it)."""
 
     def __init__(self, accelerator, output_dir: str | os.PathLike, params: list[torch.Tensor], names: list[str],
                  optimizer, *, device, ema_decay: float | None, ema_every: int = 1, ema_warmup: bool = False,
                  keep_checkpoints: int, prompts_per_iteration: int,
-                 settings: dict | None = None):
+                 settings: dict | None = None, model: torch.nn.Module | None = None):
         """``settings``: the config values (``{"model.lora_rank": 32, ...}``) a checkpoint's weights only fit
         with; recorded at save, compared at load."""
+        from torch.distributed.tensor import DTensor
+
         self.acc, self.device = accelerator, device
         self.output_dir = Path(output_dir)
         self.params, self.names, self.optimizer = params, names, optimizer
+        self.model = model
+        self.sharded = any(isinstance(p, DTensor) for p in params)
+        assert model is not None or not self.sharded, "sharded parameters need the model they belong to"
         self.ema = EMA(params, ema_decay, every=ema_every, warmup=ema_warmup) if ema_decay is not None else None
         self.keep_checkpoints = keep_checkpoints
         self.prompts_per_iteration = prompts_per_iteration
@@ -68,9 +84,27 @@ class TrainState:
         if self.ema is not None:
             self.ema.update()
 
+    @contextlib.contextmanager
     def ema_weights(self):
         """The EMA weights swapped into the model inside the context (no-op without EMA)."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        if self.ema is None:
+            yield
+            return
+        self.reshard()
+        with self.ema.applied():
+            yield
+            self.reshard()  # the next forward gathers the trained weights again
+
+    def reshard(self) -> None:
+        """Sharded: drop the whole weights FSDP2 keeps gathered after a forward without backward (sampling; the
+        root module keeps them), so that the next forward gathers the shards as they are now and state dicts
+        see the shards. A no-op otherwise."""
+        if self.sharded:
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -83,20 +117,25 @@ class TrainState:
         from safetensors.torch import save_file
 
         final = self.checkpoint_dir / f"iter_{iteration:06d}"
+        self.reshard()
         self._refuse_nonfinite(self._named_state(), f"write checkpoint {final.name}")
+        weights = self._gathered(self.params)  # every process takes part in gathering shards
+        ema = self._gathered(self.ema.shadow) if self.ema is not None else None
+        staged = self._save_sharded_optimizer(final) if self.sharded else None
         if self.acc.is_main_process:
             with atomic_dir(final, fsync=True) as tmp:
-                save_file({n: p.detach().cpu().contiguous() for n, p in zip(self.names, self.params)},
-                          str(tmp / "trainable.safetensors"))
-                if self.ema is not None:
-                    save_file({n: e.cpu().contiguous() for n, e in zip(self.names, self.ema.shadow)},
-                              str(tmp / "ema.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                save_file(dict(zip(self.names, weights)), str(tmp / "trainable.safetensors"))
+                if ema is not None:
+                    save_file(dict(zip(self.names, ema)), str(tmp / "ema.safetensors"))
+                if staged is not None:
+                    shutil.move(staged, tmp / "optimizer")
+                else:
+                    torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 rng = {"torch": torch.get_rng_state()}
                 if torch.cuda.is_available():
                     rng["cuda"] = torch.cuda.get_rng_state_all()
                 torch.save(rng, tmp / "rng.pt")
-                files = {f.name: _file_record(f) for f in sorted(tmp.iterdir())}
+                files = {f.relative_to(tmp).as_posix(): _file_record(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
                 atomic_write_json(tmp / "state.json", {"iteration": iteration, "processes": self.acc.num_processes,
                                                        "ema_steps": self.ema.steps if self.ema is not None else 0,
                                                        "sampler_position": iteration * self.prompts_per_iteration,
@@ -106,13 +145,39 @@ class TrainState:
         self.acc.wait_for_everyone()
         return final
 
+    def _gathered(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Full CPU copies of ``tensors`` (shards gathered: a collective, call it on every process) on the main
+        process, None on the others."""
+        out = [full_tensor(t.detach()) for t in tensors] if self.sharded else [t.detach() for t in tensors]
+        return [t.cpu().contiguous() for t in out] if self.acc.is_main_process else None
+
+    def _optimizer_state_dict(self) -> dict:
+        """The sharded optimizer state keyed by parameter name (``torch.distributed.checkpoint``)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer.optimizer)
+
+    def _save_sharded_optimizer(self, final: Path) -> Path:
+        """Every process writes its optimizer shards into a staging folder beside ``final`` (the main process
+        moves it into the checkpoint) → the folder."""
+        import torch.distributed.checkpoint as dcp
+
+        staged = final.with_name(f".{final.name}.optimizer.partial")
+        if self.acc.is_main_process:
+            shutil.rmtree(staged, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        dcp.save({"optimizer": self._optimizer_state_dict()}, checkpoint_id=str(staged))
+        self.acc.wait_for_everyone()
+        return staged
+
     def _named_state(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """Every floating tensor a checkpoint holds, named for a message."""
-        yield from zip(self.names, self.params)
+        """Every floating tensor a checkpoint holds (this process's shards when sharded), named for a message."""
+        yield from zip(self.names, map(local_tensor, self.params))
         if self.ema is not None:
-            yield from ((f"the EMA of {n}", e) for n, e in zip(self.names, self.ema.shadow))
+            yield from ((f"the EMA of {n}", local_tensor(e)) for n, e in zip(self.names, self.ema.shadow))
         for i, state in enumerate(self.optimizer.state_dict()["state"].values()):
-            yield from ((f"the optimizer's {k} of parameter {i}", v) for k, v in state.items() if torch.is_tensor(v))
+            yield from ((f"the optimizer's {k} of parameter {i}", local_tensor(v))
+                        for k, v in state.items() if torch.is_tensor(v))
 
     def checkpoints(self) -> list[Path]:
         """The checkpoint folders, oldest first."""
@@ -174,12 +239,29 @@ class TrainState:
                     f"it was written with, or start a new run in another run.output_dir")
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
-                p.copy_(weights[n].to(p.device, p.dtype))
+                _copy_full_into(p, weights[n])
         if self.ema is not None and (path / "ema.safetensors").is_file():
             ema = load_file(str(path / "ema.safetensors"))
-            self.ema.load(ema[n] for n in self.names)
+            with torch.no_grad():
+                for n, e in zip(self.names, self.ema.shadow):
+                    _copy_full_into(e, ema[n])
             self.ema.steps = int(state.get("ema_steps", 0))  # where the EMA schedule (ema_every, warm-up) stands
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=self.device))
+        if self.sharded != (path / "optimizer").is_dir():
+            raise TrainingStopped(
+                f"checkpoint {path} was written {'with' if (path / 'optimizer').is_dir() else 'without'} sharded (FSDP) "
+                f"training and this run is {'sharded' if self.sharded else 'not'}: resume it with the accelerate "
+                "launch file it was written with")
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            _init_optimizer_state(self.optimizer.optimizer)  # loading fills existing state entries
+            optim = {"optimizer": self._optimizer_state_dict()}
+            dcp.load(optim, checkpoint_id=str(path / "optimizer"))
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, optim["optimizer"])
+        else:
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                                      map_location=self.device))
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -192,11 +274,14 @@ class TrainState:
         full denoiser under ``final/<denoiser>``."""
         out = self.output_dir / "final"
         name = "lora" if policy.train_mode == "lora" else policy.denoiser_name
+        self.reshard()
         with self.ema_weights():
-            self._refuse_nonfinite(zip(self.names, self.params), f"export {out / name}")
+            self._refuse_nonfinite(zip(self.names, map(local_tensor, self.params)), f"export {out / name}")
+            # sharded: the full weights gathered (the module holds shards); else the module's own
+            weights = self._gathered(self.params) if self.sharded else None
             if self.acc.is_main_process:
                 with atomic_dir(out / name, fsync=True) as tmp:
-                    policy.save_adapter(tmp)
+                    policy.save_adapter(tmp, state_dict=dict(zip(self.names, weights)) if self.sharded else None)
         self.acc.wait_for_everyone()
         return out
 
@@ -231,6 +316,32 @@ def verify_checkpoint(path: Path) -> str | None:
         if _file_record(f)["sha256"] != want["sha256"]:
             return f"{name} does not match its recorded SHA-256"
     return None
+
+
+@torch.no_grad()
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state (moments, step) without moving a weight: one step at lr 0 on
+    zero gradients (a fresh optimizer has none, and a sharded load only fills entries that exist)."""
+    if optimizer.state:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``target``: a plain tensor, or a ``DTensor`` shard (its own slice of ``full``)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        full = distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(full.to(target.device, target.dtype))
 
 
 def _file_record(path: Path) -> dict:

@@ -50,7 +50,7 @@ from ..rewards.pairwise import judge_counts
 from ..sampling.policy import SDEPolicy, Units
 from ..sampling.rollout import group_noise
 from ..seeding import seeded_generator
-from ..torch_utils import resolve_device
+from ..torch_utils import full_tensor, local_tensor, resolve_device
 from .advantages import multi_reward_advantages
 from .config import Config, Sizes
 from .evaluation import Evaluator
@@ -174,24 +174,42 @@ class GRPOTrainer:
         return sizes
 
     def _build_state(self) -> TrainState:
-        """The trainable parameters, AdamW, the distributed wrapper of the denoiser and the EMA."""
+        """The trainable parameters, AdamW, the distributed wrapper of the denoiser and the EMA. The parameters
+        (and so the EMA) are taken after ``accelerator.prepare``: FSDP replaces them with shards."""
         t = self.cfg.train
         params = self.policy.trainable_parameters()
         if not params:
             raise ConfigError("the policy has no trainable parameters; use model.train_mode=lora or full")
-        names = [n for n, p in self.policy.denoiser.named_parameters() if p.requires_grad]
+        self._check_sharding()
         if self.policy.train_mode == "full" and t.kl_beta > 0:  # the initial weights, before any wrapper shards them
             self.policy.attach_reference(self._frozen_reference())
         opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self._wrapped, optimizer = self.acc.prepare(self.policy.denoiser, opt)
         self.policy.wrap_denoiser(self._wrapped)
+        named = [(n, p) for n, p in self.policy.denoiser.named_parameters() if p.requires_grad]
+        names, params = [n for n, _ in named], [p for _, p in named]
+        assert [id(p) for g in optimizer.optimizer.param_groups for p in g["params"]] == [id(p) for p in params]
         m = self.cfg.model  # a checkpoint's weights fit only a model built with the same settings
         settings = {f"model.{k}": getattr(m, k) for k in ("family", "train_mode", "lora_rank", "lora_alpha",
                                                           "lora_targets")}
         return TrainState(self.acc, self.output_dir, params, names, optimizer, device=self.device,
                           ema_decay=t.ema_decay if t.ema else None, ema_every=t.ema_every, ema_warmup=t.ema_warmup,
                           keep_checkpoints=self.cfg.run.keep_checkpoints,
-                          prompts_per_iteration=t.prompts_per_iteration, settings=settings)
+                          prompts_per_iteration=t.prompts_per_iteration, settings=settings, model=self._wrapped)
+
+    def _check_sharding(self) -> None:
+        """FSDP runs as FSDP2 (``fully_shard``: parameters keep their names, LoRA's frozen base and trainable
+        adapters may share a wrapped block); FSDP1's flat parameters are refused with the fix."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return
+        plugin = self.acc.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise ConfigError(
+                f"the accelerate launch file asks for FSDP version {plugin.fsdp_version}; flowalign trains with FSDP2 "
+                "(per-parameter sharding, which LoRA's mix of frozen and trainable weights in one block needs): set "
+                "fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp_full_ft.yaml)")
 
     def _frozen_reference(self):
         """Full fine-tuning's KL reference: a frozen copy of the denoiser as loaded (``train.reference_device``,
@@ -399,6 +417,7 @@ class GRPOTrainer:
                             stats.setdefault(k, []).append(v)
                 # (clipping to inf measures the norm and leaves the gradients as they are)
                 grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                grad_norm = full_tensor(grad_norm)  # FSDP: a replicated DTensor
                 if t.max_grad_norm > 0:
                     stats["grad_norm"].append(float(grad_norm))
                 self._check_finite_step(loss_sum, grad_norm)
@@ -452,7 +471,7 @@ class GRPOTrainer:
     def _check_finite_parameters(self) -> None:
         """After an optimizer step: every trainable parameter is finite on every process (each may hold a
         shard), else ``TrainingStopped``."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all().float()
+        finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in self.params]).all().float()
         if not bool(self._gather(finite[None]).min()):
             raise TrainingStopped("a trainable parameter is not finite after the optimizer step; lower train.lr")
 
@@ -500,6 +519,9 @@ class GRPOTrainer:
             if self.is_main:
                 with self.local_denoiser() as policy, self.state.ema_weights():
                     metrics = self.evaluator(policy, iteration)
+            elif self.state.sharded:  # every process takes part in the sharded forwards; the main one scores
+                with torch.no_grad(), self.local_denoiser() as policy, self.state.ema_weights():
+                    self.evaluator.sample(policy)
             self.acc.wait_for_everyone()
         return metrics
 

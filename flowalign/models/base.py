@@ -436,19 +436,34 @@ class Policy:
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def save_adapter(self, directory: str | Path) -> Path:
+    def save_adapter(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """LoRA: diffusers LoRA format (``pipe.load_lora_weights(directory)`` on the stock pipeline
         loads it, rank and alpha included). Full fine-tuning: the denoiser as a diffusers model folder
-        (``<ModelClass>.from_pretrained(directory)``)."""
+        (``<ModelClass>.from_pretrained(directory)``). ``state_dict``: the trained weights by parameter
+        name, full tensors, when the module itself holds only shards (FSDP); default the module's own."""
         directory = Path(directory)
         if self.train_mode == "full":
-            self.denoiser.save_pretrained(directory)
+            if state_dict is None:
+                self.denoiser.save_pretrained(directory)
+                return directory
+            from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+            from huggingface_hub import save_torch_state_dict
+
+            from torch.distributed.tensor import DTensor
+
+            # the buffers (e.g. SD3's positional embedding) are whole on every process; the weights were gathered
+            rest = {k: v for k, v in self.denoiser.state_dict().items() if k not in state_dict}
+            assert not any(isinstance(v, DTensor) for v in rest.values()), "state_dict lacks sharded weights"
+            state_dict = {**{k: v.detach().cpu() for k, v in rest.items()}, **state_dict}
+            self.denoiser.save_config(directory)
+            pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
+            save_torch_state_dict(state_dict, directory, filename_pattern=pattern, max_shard_size="10GB")
             return directory
         if not self._has_lora:
             raise ValueError("save_adapter(): nothing to save, this policy has train_mode='none' and no LoRA")
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.denoiser, adapter_name="default")
+        state = get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name="default")
         metadata = self.denoiser.peft_config["default"].to_dict()
         type(self.pipe).save_lora_weights(
             directory,
