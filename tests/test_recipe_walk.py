@@ -37,6 +37,8 @@ def _command(recipe: str) -> str:
         return "reno"
     if path.name == "check_sampler.yaml":
         return "check-sampler"
+    if path.parent.name == "accelerate":
+        return "accelerate launch"
     raise AssertionError(f"{recipe}: the recipe walk does not know which command reads this file; add it to "
                          "tests/test_recipe_walk.py")
 
@@ -75,6 +77,11 @@ def test_recipe_walk(recipe, tmp_path, one_thread):
     command = _command(recipe)
     if command == "reno":
         load_noise_opt_config(path)
+        return
+    if command == "accelerate launch":  # `--config_file`; its fields: tests/test_accelerate_launch_files.py
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        assert load_config_from_file(str(path)).num_processes >= 2
         return
     cfg = load_config(path)
     if command == "check-sampler":
