@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
-from flowalign.config import load_config
+from flowalign.config import ConfigError, load_config
 from flowalign.grpo.trainer import GRPOTrainer
 
 acc = Accelerator(cpu=True, mixed_precision="no")
@@ -52,6 +52,23 @@ run([f"run.output_dir={sys.argv[2]}/resumed", "train.num_iterations=1"])
 resumed = run([f"run.output_dir={sys.argv[2]}/resumed"])
 assert resumed.state.sharded and all(isinstance(p, DTensor) for p in resumed.params)
 weights_r, ema_r = resumed.state._gathered(resumed.params), resumed.state._gathered(resumed.state.ema.shadow)
+# LoRA under FSDP2: bfloat16 frozen base and float32 adapters sharded in the same blocks
+lora = run([f"run.output_dir={sys.argv[2]}/lora", "model.train_mode=lora", "model.lora_rank=4", "model.dtype=bfloat16",
+            "train.reference_device=model", "train.num_iterations=1"])
+assert lora.state.sharded
+assert {p.dtype for p in lora.policy.denoiser.parameters() if not p.requires_grad} == {torch.bfloat16}
+lora_weights, lora_ema = lora.state._gathered(lora.params), lora.state._gathered(lora.state.ema.shadow)
+# FSDP1 (flat parameters) is refused with the fix
+acc.free_memory()
+acc.state.fsdp_plugin.fsdp_version = 1  # (accelerate builds an FSDP1 plugin only where a GPU is)
+try:
+    GRPOTrainer(load_config(sys.argv[1], [f"run.output_dir={sys.argv[2]}/fsdp1"]), accelerator=acc, log=print)
+    refused = None
+except ConfigError as err:
+    refused = str(err)
+if acc.is_main_process:
+    open(f"{sys.argv[2]}/fsdp1.txt", "w").write(str(refused))
+    torch.save({"names": lora.state.names, "weights": lora_weights, "ema": lora_ema}, f"{sys.argv[2]}/lora.pt")
 if acc.is_main_process:
     torch.save({"names": straight.state.names, "weights": weights, "ema": ema, "weights_resumed": weights_r,
                 "ema_resumed": ema_r, "local": local, "full": full, "world": acc.num_processes},
@@ -130,3 +147,20 @@ def test_fsdp2_full_finetuning_saves_whole_weights_and_resumes_exactly(tmp_path)
     assert all(torch.equal(resumed[k], exported[k]) for k in exported)
     # sharded evaluation: every process sampled, the main one scored and wrote the grid
     assert (tmp_path / "straight/eval/iter_000002.png").is_file()
+
+    # LoRA on shards (bfloat16 base, float32 adapters): the export is the gathered EMA, loadable by the stock pipeline
+    import re
+
+    from flowalign.models.testing import load_stock_pipeline
+
+    lora = torch.load(tmp_path / "lora.pt", weights_only=False)
+    assert all("lora_" in n for n in lora["names"])
+    pipe = load_stock_pipeline("sd3")
+    pipe.load_lora_weights(str(tmp_path / "lora/final/lora"))
+    plain = lambda n: re.sub(r"\.default(_\d+)?\.", ".", n)  # noqa: E731
+    loaded = {plain(n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    ema = {plain(n): e for n, e in zip(lora["names"], lora["ema"])}
+    assert loaded.keys() == ema.keys()
+    assert all(torch.equal(loaded[n].float(), ema[n].float()) for n in ema)
+    assert any(not torch.equal(e, w) for e, w in zip(lora["ema"], lora["weights"]))
+    assert "fsdp_version: 2" in (tmp_path / "fsdp1.txt").read_text()
