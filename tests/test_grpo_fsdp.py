@@ -1,7 +1,8 @@
 """FSDP2 through accelerate on 2 CPU processes (gloo), launched with the shipped launch file
 (``accelerate launch --config_file configs/accelerate/fsdp_full_ft.yaml``): full fine-tuning with KL and
-EMA trains on shards; checkpoints hold the gathered weights and the sharded optimizer state, a resume is
-exact, and the final export is a whole diffusers transformer folder, not a shard."""
+EMA trains on shards exactly as one process does on the same images; checkpoints hold the gathered
+weights and the sharded optimizer state, a resume is exact, and the final export is a whole diffusers
+transformer folder, not a shard; LoRA on shards exports a LoRA the stock pipeline loads; FSDP1 is refused."""
 
 import os
 import subprocess
@@ -13,10 +14,15 @@ import torch
 import yaml
 
 from flowalign.models.testing import MAX_SEQUENCE_LENGTH, force_hub_offline, tiny_pipeline_dir
+from test_grpo_distributed import _BATCH_FIELDS, _joined
 
 force_hub_offline()
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the one-process comparison: 2 inner epochs (the second one's ratios move), no eval; per process 4 images in
+# micro-batches of 2, accumulated into one optimizer step per epoch (one process: 8 images, 4 micro-batches)
+EQUALITY = ["train.num_inner_epochs=2", "eval.prompts=null"]
 
 # accelerate turns FSDP on only for accelerator devices (on CPUs its state stays MULTI_CPU), while torch's
 # FSDP2 runs on CPUs with gloo; so the script selects FSDP on the accelerator the trainer is given, with the
@@ -34,6 +40,9 @@ acc = Accelerator(cpu=True, mixed_precision="no")
 PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP  # (AcceleratorState copies PartialState's)
 acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
 assert acc.is_fsdp2, acc.state.fsdp_plugin
+
+
+EQUALITY, FIELDS = %r, %r
 
 
 def run(overrides):
@@ -58,6 +67,19 @@ lora = run([f"run.output_dir={sys.argv[2]}/lora", "model.train_mode=lora", "mode
 assert lora.state.sharded
 assert {p.dtype for p in lora.policy.denoiser.parameters() if not p.requires_grad} == {torch.bfloat16}
 lora_weights, lora_ema = lora.state._gathered(lora.params), lora.state._gathered(lora.state.ema.shadow)
+# iterations as train_iteration runs them, keeping the rollouts and the gathered weights after every optimizer step
+acc.free_memory()
+eq = GRPOTrainer(load_config(sys.argv[1], EQUALITY + [f"run.output_dir={sys.argv[2]}/eq"]), accelerator=acc,
+                 log=print)
+after_steps, batches = [], []
+eq.optimizer.optimizer.register_step_post_hook(lambda *_: after_steps.append(eq.state._gathered(eq.params)))
+for it in range(2):
+    batch = eq.rollout(it)
+    eq.score(batch)
+    batches.append({k: getattr(batch, k) for k in FIELDS} | {"prompts": batch.prompts, "metadata": batch.metadata,
+                                                             "cond": batch.cond, "advantages": batch.advantages})
+    batches[-1]["grad_norm"] = eq.update(batch, it)["train/grad_norm"]
+torch.save({"batches": batches, "after_steps": after_steps}, f"{sys.argv[2]}/eq.{acc.process_index}.pt")
 # FSDP1 (flat parameters) is refused with the fix
 acc.free_memory()
 acc.state.fsdp_plugin.fsdp_version = 1  # (accelerate builds an FSDP1 plugin only where a GPU is)
@@ -73,7 +95,7 @@ if acc.is_main_process:
     torch.save({"names": straight.state.names, "weights": weights, "ema": ema, "weights_resumed": weights_r,
                 "ema_resumed": ema_r, "local": local, "full": full, "world": acc.num_processes},
                f"{sys.argv[2]}/result.pt")
-"""
+""" % (EQUALITY, _BATCH_FIELDS)
 
 
 def fsdp_config(tmp_path: Path) -> dict:
@@ -164,3 +186,27 @@ def test_fsdp2_full_finetuning_saves_whole_weights_and_resumes_exactly(tmp_path)
     assert all(torch.equal(loaded[n].float(), ema[n].float()) for n in ema)
     assert any(not torch.equal(e, w) for e, w in zip(lora["ema"], lora["weights"]))
     assert "fsdp_version: 2" in (tmp_path / "fsdp1.txt").read_text()
+
+
+    # one process on the same images (both processes' rollouts joined): the same weights after every step
+    from flowalign.config import load_config
+    from flowalign.grpo.trainer import GRPOTrainer
+
+    parts = [torch.load(tmp_path / f"eq.{r}.pt", weights_only=False) for r in (0, 1)]
+    one = GRPOTrainer(load_config(cfg, EQUALITY + ["train.gradient_accumulation_steps=4",
+                                                   f"run.output_dir={tmp_path / 'one'}"]), log=lambda *_: None)
+    after_steps = []
+    one.optimizer.optimizer.register_step_post_hook(lambda *_: after_steps.append([p.detach().clone()
+                                                                                    for p in one.params]))
+    for it in range(2):
+        batch = _joined(parts, it)
+        one.score(batch)
+        assert not batch.masked.any()
+        torch.testing.assert_close(batch.advantages, torch.cat([p["batches"][it]["advantages"] for p in parts]))
+        # the gradient's scale (which Adam would hide): FSDP averages over processes as one process does
+        assert one.update(batch, it)["train/grad_norm"] == pytest.approx(parts[0]["batches"][it]["grad_norm"], rel=1e-4)
+    assert len(after_steps) == len(parts[0]["after_steps"]) == 4  # 2 iterations × 2 inner epochs
+    for step, (mine, theirs) in enumerate(zip(after_steps, parts[0]["after_steps"])):
+        for a, b in zip(mine, theirs):  # (tolerance: see test_grpo_distributed)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+    assert sum(not torch.allclose(a, base[n], atol=1e-4) for n, a in zip(names, after_steps[-1])) > len(names) // 2
