@@ -506,8 +506,8 @@ class GRPOTrainer:
             for j in range(T):
                 self._micro_step(batch, chunk, torch.full((len(chunk),), j), torch.ones(len(chunk), dtype=torch.bool),
                                  scale=len(chunk) / (T * max(1, len(rows))))
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
-                          for p in self.params])
+        grad = torch.cat([full_tensor(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
+                          for p in self.params])  # (under FSDP every process calls this: the shards are gathered)
         self.optimizer.zero_grad(set_to_none=True)
         return grad
 
@@ -528,7 +528,8 @@ class GRPOTrainer:
     @contextlib.contextmanager
     def local_denoiser(self):
         """The policy with its bare denoiser (no distributed wrapper) inside the context: for sampling on
-        one process (eval, notebooks, diagnostics), where a wrapper's collective ops would hang."""
+        one process (eval, notebooks, diagnostics), where a wrapper's collective ops would hang. Under FSDP
+        the module itself holds shards: every process must sample alongside (``evaluate`` does)."""
         self.policy.wrap_denoiser(None)
         try:
             yield self.policy
