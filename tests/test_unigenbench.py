@@ -3,14 +3,10 @@ judge-server`` on loopback (answering from the pocket world's exact evaluator), 
 failures, and ``flowalign eval unigenbench`` on the shipped pocket model."""
 
 import json
-import os
-import re
-import subprocess
-import sys
-import threading
 
 import numpy as np
 import pytest
+from test_judges_http import Server as JudgeServer
 
 from flowalign.eval import unigenbench as U
 
@@ -26,27 +22,10 @@ TESTPOINTS = {
 }
 
 
-class Server:
+def Server(*args: str):
     """``flowalign judge-server`` judging with the pocket gold evaluator (strict: 1 or 0)."""
-
-    def __init__(self, *args: str):
-        cmd = [sys.executable, "-m", "flowalign.rewards.server", "--port", "0", "--reward", "pocket_gold",
-               "--reward-args", json.dumps({"score": "strict"}), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=60)
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line[0] if line else "")
-        if not m:
-            self.proc.kill()
-            raise RuntimeError(f"judge-server did not start: {line} {self.proc.stderr.read()}")
-        self.url = f"http://127.0.0.1:{m.group(1)}/v1"
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+    return JudgeServer("--reward", "pocket_gold", "--reward-args", json.dumps({"score": "strict"}), *args,
+                       env={"OMP_NUM_THREADS": "1"})
 
 
 def _items(per_category=2):
@@ -68,18 +47,18 @@ def _items(per_category=2):
 def judged_images(tmp_path_factory):
     """Two images per item: image 0 drawn from the item's own prompt, image 1 from another item's;
     with the pocket evaluator's strict verdict of each."""
+    import torch
+
     from flowalign.eval.runner import save_png
     from flowalign.pocket.evaluate import evaluate
     from flowalign.pocket.render import render_batch
-
-    import torch
 
     items = _items()
     folder = tmp_path_factory.mktemp("unigen")
     drawn = [it.prompt for it in items] + [items[(i + 3) % len(items)].prompt for i in range(len(items))]
     arr, _ = render_batch(drawn, seed=1)
     images = torch.from_numpy(arr).float()
-    jobs, truth = [], []
+    jobs = []
     for i, it in enumerate(items):
         for k, img in ((0, images[i]), (1, images[len(items) + i])):
             path = folder / f"{it.index}_{k}.png"
@@ -116,7 +95,7 @@ def test_parse_scores():
 def test_judge_server_answers_every_test_point_from_the_pocket_evaluator(judged_images):
     from flowalign.rewards.vlm import ChatClient
 
-    items, jobs, truth = judged_images
+    _, jobs, truth = judged_images
     assert True in truth and False in truth
     server = Server()
     try:
@@ -142,7 +121,7 @@ def test_judge_server_answers_every_test_point_from_the_pocket_evaluator(judged_
 def test_faults_are_retried_and_what_is_left_is_counted(judged_images):
     from flowalign.rewards.vlm import ChatClient
 
-    items, jobs, truth = judged_images
+    _, jobs, truth = judged_images
     server = Server("--error-rate", "0.25", "--malformed-rate", "0.25", "--seed", "5")
     try:
         client = ChatClient(server.url, "pocket-judge", timeout=30, retries=1, backoff=0.01, concurrency=4)
