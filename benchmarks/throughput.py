@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                                  # SD3.5-Medium and FLUX.1-dev on the GPU
     python benchmarks/throughput.py --arch sd35m --batch 8 --json out.json --markdown docs/throughput_<gpu>.md
-    python benchmarks/throughput.py --tiny                           # the same code, a small architecture, CPU
+    python benchmarks/throughput.py --tiny                           # the same code, small architectures, CPU
 
 The architectures are built from the config values stored in ``benchmarks/architectures/*.json`` (the
 models' own transformer/VAE/scheduler configs); text conditioning is random embeddings of the real
@@ -13,8 +13,8 @@ in one forward; FLUX.1-dev: the embedded guidance), per architecture and mode (e
   transitions recorded) + VAE decode, the trainer's rollout; ``bare_img_s``: the same number of velocity
   calls (the transformer forward with the CFG rows batched, as the stock pipeline runs it) in a plain
   Euler loop + VAE decode; ``rollout_overhead`` = bare time / rollout time inverted (target ≤ 1.10);
-* ``train_ms_per_image_step``: one LoRA (r32 on the attention projections) training micro-step per
-  image: velocity with gradients, the transition's log-prob, a policy-gradient loss, backward;
+* ``train_ms_per_image_step``: one LoRA (r32 on the attention projections) training micro-step
+  (``train_batch`` images, the architecture's default or ``--train-batch``), per image: velocity with gradients, the transition's log-prob, a policy-gradient loss, backward;
   ``train_tflop_per_image_step`` counted by ``torch.utils.flop_counter`` on that pass; ``mfu`` = counted
   FLOP/s ÷ the GPU's dense bf16 peak (``--peak-tflops``, else the table below; none on CPU);
 * ``fwd_tflop_per_image``: one transformer forward of one row (no CFG), counted;
@@ -49,9 +49,15 @@ def build_policy(spec: dict, device: str, dtype: torch.dtype, attention: str = "
     import diffusers
 
     torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: FLUX.1-dev in float32 first would need 48 GB
+    try:
+        with torch.device(device):
+            transformer = getattr(diffusers, spec["transformer"]["_class_name"]).from_config(spec["transformer"])
+    finally:
+        torch.set_default_dtype(default)
     with torch.device(device):
-        transformer = getattr(diffusers, spec["transformer"]["_class_name"]).from_config(spec["transformer"]).to(dtype)
-        vae = diffusers.AutoencoderKL.from_config(spec["vae"])
+        vae = diffusers.AutoencoderKL.from_config(spec["vae"])  # float32, as the policies keep it
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(spec["scheduler"])
     if spec["family"] == "sd3":
         from flowalign.models.sd3 import SD3Policy
@@ -121,8 +127,8 @@ def counted_tflop(fn) -> float:
     return counter.get_total_flops() / 1e12
 
 
-def measure(policy, spec: dict, *, batch: int, size: int, steps: int, device: str, repeats: int,
-            autocast: bool, count_flops: bool) -> dict:
+def measure(policy, spec: dict, *, batch: int, train_batch: int, size: int, steps: int, device: str,
+            repeats: int, autocast: bool, count_flops: bool) -> dict:
     """One row of the table for the policy as it is (eager or compiled)."""
     from flowalign.config import SamplingConfig
     from flowalign.sampling.policy import SDEPolicy
@@ -155,14 +161,15 @@ def measure(policy, spec: dict, *, batch: int, size: int, steps: int, device: st
             return policy.decode(x)
 
     units, _ = rollout()
-    j = steps // 2
-    adv = torch.randn(batch, device=policy.device)
+    j, m = steps // 2, train_batch  # a micro-batch of the rollout's images at one recorded step
+    adv = torch.randn(m, device=policy.device)
+    train_cond = cond[0:m]
 
     def train_step():
         with amp:
-            x, x_next = units.latents[:, j], units.next_latents[:, j]
-            v = velocity(x, units.sigmas[:, j])
-            res = sde.log_prob(x, x_next, v, units.sigmas[:, j], units.sigmas_next[:, j])
+            x, x_next = units.latents[:m, j], units.next_latents[:m, j]
+            v = policy.velocity(x, units.sigmas[:m, j], train_cond, guidance)
+            res = sde.log_prob(x, x_next, v, units.sigmas[:m, j], units.sigmas_next[:m, j])
             loss = -(adv * res.log_prob).mean()
         loss.backward()
         for p in policy.trainable_parameters():
@@ -172,14 +179,14 @@ def measure(policy, spec: dict, *, batch: int, size: int, steps: int, device: st
     t_bare = timed(bare, device, repeats)
     t_train = timed(train_step, device, repeats)
     row = {"batch": batch, "rollout_img_s": batch / t_rollout, "bare_img_s": batch / t_bare,
-           "rollout_overhead": t_rollout / t_bare, "train_ms_per_image_step": 1e3 * t_train / batch,
+           "rollout_overhead": t_rollout / t_bare, "train_batch": m, "train_ms_per_image_step": 1e3 * t_train / m,
            "peak_mem_gib_rollout": peak_gib(rollout, device), "peak_mem_gib_train": peak_gib(train_step, device)}
     if count_flops:
         cfg_rows = 2 if policy.uses_cfg and guidance > 1 else 1
         with torch.no_grad(), amp:
             fwd = counted_tflop(lambda: policy.velocity(noise[:1], sigmas[j], cond[0:1], guidance))
         row["fwd_tflop_per_image"] = fwd / cfg_rows
-        row["train_tflop_per_image_step"] = counted_tflop(train_step) / batch
+        row["train_tflop_per_image_step"] = counted_tflop(train_step) / m
     return row
 
 
@@ -218,7 +225,7 @@ def gpu_peak_tflops(device: str, given: float | None) -> float | None:
 
 
 def run(archs: list[str], *, batch: int, size: int | None, steps: int, device: str, dtype: torch.dtype,
-        modes: list[str], repeats: int, peak_tflops: float | None, log=print) -> dict:
+        modes: list[str], repeats: int, peak_tflops: float | None, train_batch: int | None = None, log=print) -> dict:
     autocast = device.startswith("cuda") and dtype == torch.bfloat16
     peak = gpu_peak_tflops(device, peak_tflops)
     result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -235,8 +242,9 @@ def run(archs: list[str], *, batch: int, size: int | None, steps: int, device: s
         for mode in modes:
             if mode == "compiled":
                 policy.denoiser.compile()
-            row = measure(policy, spec, batch=batch, size=px, steps=steps, device=device, repeats=repeats,
-                          autocast=autocast, count_flops=mode == "eager")
+            row = measure(policy, spec, batch=batch, train_batch=min(batch, train_batch or spec["train_batch"]),
+                          size=px, steps=steps, device=device, repeats=repeats, autocast=autocast,
+                          count_flops=mode == "eager")
             row.update({"arch": arch, "mode": mode, "size": px, "params_b": n_params / 1e9})
             if mode == "eager":
                 row["attention_ms_per_image"] = attention
@@ -264,11 +272,11 @@ def markdown(result: dict) -> str:
 
     lines = [f"Device: {result['device']} (torch {result['torch']}, {result['dtype']}, {result['steps']} steps, "
              f"peak {f(result['peak_tflops'])} TFLOP/s)", "",
-             "| arch | mode | px | batch | rollout img/s | bare img/s | rollout/bare time | train ms/img-step | "
+             "| arch | mode | px | batch (train) | rollout img/s | bare img/s | rollout/bare time | train ms/img-step | "
              "train TFLOP/img-step | MFU | fwd TFLOP/img | train speedup | peak GiB rollout/train |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['batch']} | {f(r['rollout_img_s'])} | "
+        lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['batch']} ({r['train_batch']}) | {f(r['rollout_img_s'])} | "
                      f"{f(r['bare_img_s'])} | {f(r['rollout_overhead'])} | {f(r['train_ms_per_image_step'])} | "
                      f"{f(r['train_tflop_per_image_step'])} | {f(r['mfu'], '.1%') if r['mfu'] else '–'} | "
                      f"{f(r['fwd_tflop_per_image'])} | {f(r['speedup_vs_eager'])} | "
@@ -280,8 +288,12 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["sd35m", "flux_dev"], help="architectures/*.json names")
-    ap.add_argument("--tiny", action="store_true", help="the small architecture on the CPU, eager only (smoke test)")
-    ap.add_argument("--batch", type=int, default=8, help="images per rollout and per training micro-batch")
+    ap.add_argument("--tiny", action="store_true", help="small SD3- and FLUX-shaped architectures on the CPU, eager only "
+                                                        "(smoke test)")
+    ap.add_argument("--batch", type=int, default=8, help="images per rollout (and bare loop)")
+    ap.add_argument("--train-batch", type=int, default=None,
+                    help="images per LoRA training micro-batch (default: the architecture's train_batch, what fits "
+                         "an 80 GB GPU without gradient checkpointing)")
     ap.add_argument("--size", type=int, default=None, help=f"pixels (default {SIZE}; the tiny architecture: 32)")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--modes", nargs="+", default=None, choices=("eager", "compiled"))
@@ -292,7 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="write the table here (e.g. docs/throughput_<gpu>.md)")
     args = ap.parse_args(argv)
     if args.tiny:
-        archs, device, dtype = ["tiny_sd3"], args.device or "cpu", torch.float32
+        archs, device, dtype = ["tiny_sd3", "tiny_flux"], args.device or "cpu", torch.float32
         modes = args.modes or ["eager"]
     else:
         if not torch.cuda.is_available() and args.device is None:
@@ -301,7 +313,8 @@ def main(argv=None) -> int:
         archs, device, dtype = args.arch, args.device or "cuda", torch.bfloat16
         modes = args.modes or ["eager", "compiled"]
     result = run(archs, batch=args.batch, size=args.size, steps=args.steps, device=device, dtype=dtype, modes=modes,
-                 repeats=args.repeats, peak_tflops=args.peak_tflops, log=lambda m: print(m, file=sys.stderr))
+                 repeats=args.repeats, peak_tflops=args.peak_tflops, train_batch=args.train_batch,
+                 log=lambda m: print(m, file=sys.stderr))
     table = markdown(result)
     print(table)
     if args.json:

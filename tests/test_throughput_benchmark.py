@@ -52,19 +52,23 @@ def test_sd35m_forward_flops_at_512_match_the_published_count(throughput):
 def test_tiny_run_measures_every_part_in_seconds(throughput, tmp_path, capsys):
     out = tmp_path / "tp.json"
     table = tmp_path / "docs/throughput_cpu.md"
-    assert throughput.main(["--tiny", "--batch", "2", "--steps", "4", "--repeats", "1", "--json", str(out),
+    assert throughput.main(["--tiny", "--batch", "3", "--steps", "4", "--repeats", "1", "--json", str(out),
                             "--markdown", str(table)]) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["peak_tflops"] is None
-    (row,) = result["rows"]
-    assert row["arch"] == "tiny_sd3" and row["mode"] == "eager" and row["size"] == 32
-    assert row["rollout_img_s"] > 0 and row["bare_img_s"] > 0 and 0.3 < row["rollout_overhead"] < 5
-    assert row["train_ms_per_image_step"] > 0 and row["mfu"] is None  # no peak known on a CPU
-    # the training pass (two CFG rows, forward and backward) costs more than one forward row
-    assert row["train_tflop_per_image_step"] > 2 * row["fwd_tflop_per_image"] > 0
-    assert isinstance(row["attention_ms_per_image"]["sdpa"], float)
-    assert "xformers" in row["attention_ms_per_image"]
-    assert "| tiny_sd3 | eager | 32 | 2 |" in capsys.readouterr().out
+    sd3, flux = result["rows"]
+    assert (sd3["arch"], flux["arch"]) == ("tiny_sd3", "tiny_flux")
+    for row in (sd3, flux):
+        assert row["mode"] == "eager" and row["size"] == 32 and row["train_batch"] == 2
+        assert row["rollout_img_s"] > 0 and row["bare_img_s"] > 0 and 0.3 < row["rollout_overhead"] < 5
+        assert row["train_ms_per_image_step"] > 0 and row["mfu"] is None  # no peak known on a CPU
+        assert isinstance(row["attention_ms_per_image"]["sdpa"], float)
+        assert "xformers" in row["attention_ms_per_image"]
+    # the training pass (forward and backward) costs more than a forward: with SD3's two CFG rows, more than two
+    assert sd3["train_tflop_per_image_step"] > 2 * sd3["fwd_tflop_per_image"] > 0
+    assert flux["train_tflop_per_image_step"] > flux["fwd_tflop_per_image"] > 0
+    out = capsys.readouterr().out
+    assert "| tiny_sd3 | eager | 32 | 3 (2) |" in out and "| tiny_flux | eager | 32 | 3 (2) |" in out
     assert "| arch | mode |" in table.read_text()
 
 
