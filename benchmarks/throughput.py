@@ -272,8 +272,8 @@ def markdown(result: dict) -> str:
 
     lines = [f"Device: {result['device']} (torch {result['torch']}, {result['dtype']}, {result['steps']} steps, "
              f"peak {f(result['peak_tflops'])} TFLOP/s)", "",
-             "| arch | mode | px | batch (train) | rollout img/s | bare img/s | rollout/bare time | train ms/img-step | "
-             "train TFLOP/img-step | MFU | fwd TFLOP/img | train speedup | peak GiB rollout/train |",
+             ("| arch | mode | px | batch (train) | rollout img/s | bare img/s | rollout/bare time | train ms/img-step | "
+              "train TFLOP/img-step | MFU | fwd TFLOP/img | train speedup | peak GiB rollout/train |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['arch']} | {r['mode']} | {r['size']} | {r['batch']} ({r['train_batch']}) | {f(r['rollout_img_s'])} | "

@@ -143,7 +143,8 @@ def test_two_processes_train_exactly_as_one_on_the_same_images(tmp_path):
             # Adam moves an element by ~lr whatever its gradient's size; one whose gradient is near Adam's eps
             # turns float noise into ~1e-6 (lr/3000), hence the absolute tolerance (the gradient's scale is
             # compared through grad_norm above, which Adam would hide)
-            torch.testing.assert_close(p_one, p_two, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(p_one, p_two, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, step=step: f"step {step}: {m}")
     moved = sum(float((p - s).abs().max()) > 1e-4 for p, s in zip(after_steps[-1], start))
     assert moved > len(start) // 2  # the steps changed the weights well beyond the tolerance
 

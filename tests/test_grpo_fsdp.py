@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_grpo_distributed import _BATCH_FIELDS, _joined
 
 from flowalign.models.testing import MAX_SEQUENCE_LENGTH, force_hub_offline, tiny_pipeline_dir
-from test_grpo_distributed import _BATCH_FIELDS, _joined
 
 force_hub_offline()
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ from flowalign.config import ConfigError, load_config
 from flowalign.grpo.trainer import GRPOTrainer
 
 acc = Accelerator(cpu=True, mixed_precision="no")
-PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP  # (AcceleratorState copies PartialState's)
+# (on PartialState too: every AcceleratorState() copies its fields)
+PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
 acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
 assert acc.is_fsdp2, acc.state.fsdp_plugin
 
@@ -179,7 +180,7 @@ def test_fsdp2_full_finetuning_saves_whole_weights_and_resumes_exactly(tmp_path)
     assert all("lora_" in n for n in lora["names"])
     pipe = load_stock_pipeline("sd3")
     pipe.load_lora_weights(str(tmp_path / "lora/final/lora"))
-    plain = lambda n: re.sub(r"\.default(_\d+)?\.", ".", n)  # noqa: E731
+    plain = lambda n: re.sub(r"\.default(_\d+)?\.", ".", n)
     loaded = {plain(n): p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
     ema = {plain(n): e for n, e in zip(lora["names"], lora["ema"])}
     assert loaded.keys() == ema.keys()
@@ -208,5 +209,5 @@ def test_fsdp2_full_finetuning_saves_whole_weights_and_resumes_exactly(tmp_path)
     assert len(after_steps) == len(parts[0]["after_steps"]) == 4  # 2 iterations × 2 inner epochs
     for step, (mine, theirs) in enumerate(zip(after_steps, parts[0]["after_steps"])):
         for a, b in zip(mine, theirs):  # (tolerance: see test_grpo_distributed)
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, step=step: f"step {step}: {m}")
     assert sum(not torch.allclose(a, base[n], atol=1e-4) for n, a in zip(names, after_steps[-1])) > len(names) // 2

@@ -42,9 +42,9 @@ def test_stored_architectures_have_the_published_sizes(throughput):
 def test_sd35m_forward_flops_at_512_match_the_published_count(throughput):
     spec, sd = _meta_transformer(throughput, "sd35m")
     with torch.device("meta"):
-        inputs = dict(hidden_states=torch.randn(1, 16, 64, 64), timestep=torch.ones(1),
-                      encoder_hidden_states=torch.randn(1, spec["text"]["tokens"], 4096),
-                      pooled_projections=torch.randn(1, spec["text"]["pooled"]))
+        inputs = {"hidden_states": torch.randn(1, 16, 64, 64), "timestep": torch.ones(1),
+                  "encoder_hidden_states": torch.randn(1, spec["text"]["tokens"], 4096),
+                  "pooled_projections": torch.randn(1, spec["text"]["pooled"])}
         tflop = throughput.counted_tflop(lambda: sd(**inputs, return_dict=False))
     assert tflop == pytest.approx(2.44, rel=0.02)
 

@@ -20,7 +20,7 @@ Sharded training (FSDP2 through accelerate: the parameters, their EMA and the op
 main one writes), so ``trainable.safetensors``, ``ema.safetensors`` and the final export are the same
 files as without sharding; the optimizer state is written sharded by every process with
 ``torch.distributed.checkpoint`` into ``optimizer/`` (on a file system all processes share) and read
-back resharded, so a resume is exact on any number of processes.
+back resharded: a resume on the same processes is exact, and one on another number of them loads.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import Callable, Iterable
 import torch
 
 from ..ema import EMA
-from ..torch_utils import full_tensor, local_tensor
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, remove_stale_partials
+from ..torch_utils import full_tensor, local_tensor
 
 __all__ = ["TrainState", "TrainingStopped"]
 
@@ -246,11 +246,12 @@ class TrainState:
                 for n, e in zip(self.names, self.ema.shadow):
                     _copy_full_into(e, ema[n])
             self.ema.steps = int(state.get("ema_steps", 0))  # where the EMA schedule (ema_every, warm-up) stands
-        if self.sharded != (path / "optimizer").is_dir():
+        written_sharded = (path / "optimizer").is_dir()
+        if self.sharded != written_sharded:
             raise TrainingStopped(
-                f"checkpoint {path} was written {'with' if (path / 'optimizer').is_dir() else 'without'} sharded (FSDP) "
-                f"training and this run is {'sharded' if self.sharded else 'not'}: resume it with the accelerate "
-                "launch file it was written with")
+                f"checkpoint {path} was written {'with' if written_sharded else 'without'} sharded (FSDP) training and "
+                f"this run is {'sharded' if self.sharded else 'not'}: resume it with the accelerate launch file it was "
+                "written with")
         if self.sharded:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

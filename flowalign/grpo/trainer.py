@@ -50,7 +50,7 @@ from ..rewards.pairwise import judge_counts
 from ..sampling.policy import SDEPolicy, Units
 from ..sampling.rollout import group_noise
 from ..seeding import seeded_generator
-from ..torch_utils import full_tensor, local_tensor, resolve_device
+from ..torch_utils import full_tensor, local_tensor, resolve_device, resolve_dtype
 from .advantages import multi_reward_advantages
 from .config import Config, Sizes
 from .evaluation import Evaluator
@@ -214,13 +214,12 @@ class GRPOTrainer:
     def _frozen_reference(self):
         """Full fine-tuning's KL reference: a frozen copy of the denoiser as loaded (``train.reference_device``,
         ``train.reference_dtype``)."""
-        from ..torch_utils import resolve_dtype
         from .reference import FrozenReference
 
-        t = self.cfg.train
+        t, model_dtype = self.cfg.train, self.policy.dtype
         return FrozenReference(self.policy.denoiser, device="cpu" if t.reference_device == "cpu" else self.device,
-                               dtype=self.policy.dtype if t.reference_dtype == "model" else resolve_dtype(t.reference_dtype),
-                               model_dtype=self.policy.dtype, out_device=self.device)
+                               dtype=model_dtype if t.reference_dtype == "model" else resolve_dtype(t.reference_dtype),
+                               model_dtype=model_dtype, out_device=self.device)
 
     def _gen(self, iteration: int, stream: Stream, *more: int, device="cpu") -> torch.Generator:
         return seeded_generator(self.cfg.run.seed, iteration, stream, *more, device=device)

@@ -415,7 +415,8 @@ class Policy:
             if self._reference is None:
                 raise ValueError(
                     "reference() with train_mode='full' needs a frozen copy of the base denoiser: full fine-tuning "
-                    "changes the base weights. attach_reference(module) first (GRPOTrainer does with train.kl_beta > 0)."
+                    "changes the base weights. attach_reference(module) first (GRPOTrainer does with "
+                    "train.kl_beta > 0)."
                 )
             call, self._denoiser_call = self._denoiser_call, self._reference
             try:
@@ -448,7 +449,6 @@ class Policy:
                 return directory
             from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
             from huggingface_hub import save_torch_state_dict
-
             from torch.distributed.tensor import DTensor
 
             # the buffers (e.g. SD3's positional embedding) are whole on every process; the weights were gathered
