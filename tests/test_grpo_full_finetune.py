@@ -104,6 +104,12 @@ def test_full_finetuning_with_kl_to_a_frozen_copy_ema_and_a_stock_loadable_expor
     base_model = _base_transformer()
     from_base = latents(StableDiffusion3Pipeline(**{**pipe.components, "transformer": base_model}))
     assert (from_base - from_folder).abs().max() > 1e-4
+    # and the trained policy's own sampler (EMA weights) draws the images the stock pipeline draws from the folder
+    images = pipe("a red cat", num_inference_steps=2, guidance_scale=2.0, height=32, width=32, latents=noise.clone(),
+                  max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="pt").images
+    with trainer.local_denoiser(), trainer.state.ema_weights(), torch.no_grad():
+        ours = policy.generate(noise, policy.encode(["a red cat"]), num_steps=2, guidance_scale=2.0)
+    assert (ours - images).abs().max() < 1e-4 and images.std() > 1e-2
 
 
 def test_the_reference_copy_can_be_kept_in_bfloat16(tmp_path):
