@@ -89,3 +89,19 @@ def test_the_ddp_launch_file_runs_flowalign_train(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "processes=2" in res.stdout and "units_per_process=8" in res.stdout
     assert (tmp_path / "run/final/lora/pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("processes, gpus, device, refused", [
+    (8, 8, "auto", False), (8, 4, "auto", True), (8, 4, "cuda", True), (2, 0, "auto", False), (2, 0, "cpu", False),
+    (1, 0, "cuda", False),  # (a missing GPU is model.device's own error)
+])
+def test_a_launch_with_more_processes_per_machine_than_gpus_is_refused(processes, gpus, device, refused):
+    from flowalign.errors import UserError
+    from flowalign.grpo.trainer import check_launch
+
+    if not refused:
+        check_launch(processes, gpus, device)
+        return
+    with pytest.raises(UserError, match=f"{processes} processes were launched on this machine, which has {gpus} GPU"):
+        check_launch(processes, gpus, device)
+

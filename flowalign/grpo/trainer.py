@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import enum
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ class GRPOTrainer:
 
         self.cfg, self.log = cfg, log
         t, s = cfg.train, cfg.sampling
+        if accelerator is None:  # before accelerate picks this process's GPU, which fails with a CUDA error
+            check_launch(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), cfg.model.device)
         self.acc = accelerator or Accelerator(mixed_precision=_MIXED_PRECISION[t.mixed_precision],
                                               cpu=cfg.model.device == "cpu")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -620,6 +623,18 @@ class GRPOTrainer:
 
         return tqdm(total=self.cfg.train.num_iterations, initial=start, desc="grpo", dynamic_ncols=True,
                     file=sys.stderr)
+
+
+def check_launch(local_processes: int, gpus: int, device: str) -> None:
+    """``UserError`` when a launch does not match the machine: more processes on this machine
+    (``accelerate launch``'s num_processes / num_machines) than it has GPUs, for a model on the GPU
+    (``model.device`` auto or cuda; a machine without any is ``model.device``'s own error)."""
+    on_gpu = gpus > 0 and (device == "auto" or device.startswith("cuda"))
+    if on_gpu and local_processes > gpus:
+        raise UserError(
+            f"{local_processes} processes were launched on this machine, which has {gpus} GPU(s): the accelerate "
+            f"launch file (num_processes / num_machines) does not match it; launch with --num_processes {gpus} "
+            f"(times the number of machines), or use a launch file for this machine (configs/accelerate/)")
 
 
 def _shuffled(idx: torch.Tensor, n: int, g: torch.Generator, per: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
