@@ -85,7 +85,8 @@ class ModelConfig:
     compile: bool = _f(False, "torch.compile the transformer")
     offload_text_encoders: bool = _f(False, "move text encoders to CPU after encoding (embeddings are cached)")
     cache_text_embeddings: bool = _f(True, "encode each distinct prompt once and reuse the embeddings")
-    max_sequence_length: int = _f(256, "T5 token length (SD3 with T5, FLUX)", min=1)
+    max_sequence_length: Optional[int] = _f(None, "T5 token length (SD3 with T5, FLUX); null = the model folder's "
+                                                  "flowalign.json value, else 256", min=1)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The pocket build: alt-text-like captions, keyed stage cache, resumable stages, clear errors."""
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 
@@ -196,6 +197,40 @@ def test_a_stopped_build_resumes_to_the_same_weights(tmp_path, whole):
     t = next(iter(_weights(whole["out"])["t2i/transformer/diffusion_pytorch_model.safetensors"].values()))
     assert t.dtype == torch.float16
     assert not any((tmp_path / "cache_parts").rglob("checkpoint.pt")), "finished stages keep no checkpoint"
+
+
+def test_the_t2i_folder_carries_its_null_token_count_to_policies_and_the_stock_pipeline(tmp_path, whole):
+    """Built with one null T5 token (the recipe since the relation probe): the folder's flowalign.json
+    says so, a policy loaded from it uses 1 unless told otherwise, the stock pipeline called with
+    ``max_sequence_length=1`` draws the same images, and the stock default (256) draws others."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowalign.pocket.sample import initial_noise
+
+    folder = whole["out"] / "t2i"
+    assert json.loads((folder / "flowalign.json").read_text())["max_sequence_length"] == 1
+    policy = load_pocket_policy(folder)
+    assert policy.max_sequence_length == 1 and load_pocket_policy(folder, max_sequence_length=7).max_sequence_length == 7
+    ours = sample_images(policy, ["a red circle", "two blue squares"], seed=3, num_steps=3, guidance_scale=2.0)
+    stock = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    stock.set_progress_bar_config(disable=True)
+
+    def run(**kw):
+        return stock(["a red circle", "two blue squares"], latents=initial_noise(policy, 2, seed=3), num_inference_steps=3,
+                     guidance_scale=2.0, height=32, width=32, output_type="pt", **kw).images
+
+    assert (ours - run(max_sequence_length=1)).abs().max() <= 1e-4
+    assert (ours - run()).abs().max() > 1e-3  # 256 null tokens are another model's conditioning
+    # the first world's recipe writes no settings file (256 is the stock default) ...
+    assert BuildConfig.preset("legacy").t2i_null_tokens == 256
+    # ... and a damaged settings file is one clear error
+    bad = tmp_path / "t2i"
+    shutil.copytree(folder, bad)
+    (bad / "flowalign.json").write_text('{"max_sequence_length": 0}')
+    with pytest.raises(ValueError, match="max_sequence_length must be an integer >= 1"):
+        load_pocket_policy(bad)
 
 
 def test_oracle_quick_build_reuses_the_base_data_and_vae(tmp_path, whole):

@@ -31,8 +31,9 @@ import dataclasses
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 
@@ -73,25 +74,25 @@ class Cond:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def _map(self, fn) -> "Cond":
+    def _map(self, fn) -> Cond:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return Cond(**{name: None if v is None else fn(v) for name, v in values.items()})
 
-    def __getitem__(self, idx) -> "Cond":
+    def __getitem__(self, idx) -> Cond:
         """Rows ``idx`` (int, slice, list or index/bool tensor); an int keeps the batch dim."""
         if isinstance(idx, int):
             idx = slice(idx, idx + 1 if idx != -1 else None)
         return self._map(lambda t: t[idx])
 
-    def repeat_interleave(self, repeats: int) -> "Cond":
+    def repeat_interleave(self, repeats: int) -> Cond:
         """Each row ``repeats`` times in a row (GRPO: G samples per prompt)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def to(self, *args, **kwargs) -> "Cond":
+    def to(self, *args, **kwargs) -> Cond:
         return self._map(lambda t: t.to(*args, **kwargs))
 
     @staticmethod
-    def cat(conds: list["Cond"]) -> "Cond":
+    def cat(conds: list[Cond]) -> Cond:
         """Concatenate batches along the sample dim."""
         first = conds[0]
         out = {}
@@ -99,6 +100,29 @@ class Cond:
             values = [getattr(c, f.name) for c in conds]
             out[f.name] = None if values[0] is None else torch.cat(values, dim=0)
         return Cond(**out)
+
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # the diffusers SD3 / FLUX pipelines' default T5 length
+SETTINGS_FILE = "flowalign.json"  # optional, next to model_index.json: settings a folder was trained with
+
+
+def folder_settings(folder: str | Path) -> dict:
+    """The pipeline folder's ``flowalign.json`` (``{}`` without one): call settings the model was
+    trained with that diffusers does not store, e.g. ``max_sequence_length`` — the pocket T2I model
+    is trained with one null T5 token, so the stock pipeline reproduces it with
+    ``pipe(..., max_sequence_length=1)`` and a policy loaded from the folder uses 1 unless
+    ``model.max_sequence_length`` says otherwise."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    length = settings.get("max_sequence_length")
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+        raise UserError(f"{path}: max_sequence_length must be an integer >= 1, got {length!r}; fix or delete it")
+    return settings
 
 
 def read_model_index(path: str | Path, revision: str | None = None) -> tuple[dict, Path | None]:
@@ -171,7 +195,7 @@ class Policy:
         compile: bool = False,
         offload_text_encoders: bool = False,
         cache_text_embeddings: bool = True,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         cache_size: int = 256,
     ):
         expected = PIPELINE_CLASSES[self.family]
@@ -181,6 +205,7 @@ class Policy:
             raise ValueError(f"model.train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length
         if max_sequence_length < 1:
             raise ValueError(f"model.max_sequence_length must be >= 1, got {max_sequence_length}")
 
@@ -263,6 +288,10 @@ class Policy:
             check_safetensors(local, "model.path")
         import diffusers
 
+        if options.get("max_sequence_length") is None and local is not None:
+            folder = folder_settings(local)
+            if "max_sequence_length" in folder:
+                options = {**options, "max_sequence_length": folder["max_sequence_length"]}
         absent = {name: None for name in cls.optional_components if not _present(index.get(name))}
         dtype = {"default": resolve_dtype(options.get("dtype", "float32")), "vae": torch.float32}
         pipe = getattr(diffusers, expected).from_pretrained(
@@ -403,7 +432,7 @@ class Policy:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator["Policy"]:
+    def reference(self) -> Iterator[Policy]:
         """The frozen base model, for the KL term: LoRA disabled inside the context, no second copy.
 
         train_mode 'none' without LoRA: the model is its own reference (no-op). train_mode 'full'

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from flowalign.models.base import Cond, FlowPolicy, _per_sample_sigma, check_flow_scheduler
+from flowalign.models.base import (
+    Cond,
+    FlowPolicy,
+    _per_sample_sigma,
+    check_flow_scheduler,
+)
 from flowalign.sampling.schedules import flux_sigmas
 
 
@@ -67,8 +72,8 @@ class FluxPolicy(FlowPolicy):
     uses_cfg = False
 
     def __init__(self, pipe, **options):
-        length = options.get("max_sequence_length", 256)
-        if length > 512:
+        length = options.get("max_sequence_length")
+        if length is not None and length > 512:
             raise ValueError(f"FLUX.1's T5 takes at most 512 tokens: set model.max_sequence_length <= 512 ({length})")
         super().__init__(pipe, **options)
 

@@ -53,7 +53,13 @@ from ..seeding import seed_everything
 from . import models as pm
 from .captions import CaptionNoise, captions_for
 
-NULL_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+# The null T5 tokens after the prompt (the pipeline has no T5, so they are zeros). The first world was
+# trained with StableDiffusion3Pipeline's default 256 — collapsed into one token of weight 256, they
+# hold ~75% of every image query's softmax mass at initialisation and the model never learned to read
+# relations from the prompt tokens (the oracle at 6 000 steps: relation right 43, flipped 53 of 116;
+# with one null token a 1 500-step probe gets 113 right, 2 flipped: benchmarks/pocket_relation_probe.py).
+# A folder trained with other than 256 says so in its flowalign.json (``max_sequence_length``).
+LEGACY_NULL_T5_TOKENS = 256
 CAPTION_REGIMES = ("clean", "noisy")
 TEXT_CONDITIONING = ("joint", "frozen_clip")
 PRESETS = ("base", "oracle", "legacy")
@@ -88,6 +94,7 @@ class BuildConfig:
     t2i_batch: int = 64
     t2i_lr: float = 1e-3
     t2i_layers: int = 6
+    t2i_null_tokens: int = 1  # null T5 tokens after the prompt (the stock pipeline's max_sequence_length)
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     checkpoint_every: int = 250  # training steps between resumable checkpoints
@@ -102,6 +109,8 @@ class BuildConfig:
             raise ValueError(f"unknown caption regime {self.captions!r}; use one of {', '.join(CAPTION_REGIMES)}")
         if self.t2i_text not in TEXT_CONDITIONING:
             raise ValueError(f"unknown t2i_text {self.t2i_text!r}; use one of {', '.join(TEXT_CONDITIONING)}")
+        if not isinstance(self.t2i_null_tokens, int) or self.t2i_null_tokens < 1:
+            raise ValueError(f"t2i_null_tokens must be an integer >= 1, got {self.t2i_null_tokens!r}")
         if self.save_dtype not in ("float16", "float32"):
             raise ValueError(f"save_dtype must be 'float16' or 'float32', got {self.save_dtype!r}")
 
@@ -110,7 +119,7 @@ class BuildConfig:
         return self.noise if self.captions == "noisy" else CaptionNoise()
 
     @classmethod
-    def preset(cls, name: str, quick: bool = False) -> "BuildConfig":
+    def preset(cls, name: str, quick: bool = False) -> BuildConfig:
         """``base`` (shipped), ``oracle`` (clean captions), ``legacy`` (the first world); ``quick``
         shrinks any of them to a minutes-long smoke build (the models will be poor)."""
         if name not in PRESETS:
@@ -120,7 +129,8 @@ class BuildConfig:
             cfg.captions = "clean"
         if name == "legacy":
             cfg = cls(captions="clean", vae_channels=(16, 32, 64), vae_steps=1200, vae_batch=48,
-                      t2i_text="frozen_clip", t2i_steps=4500, t2i_layers=5, save_dtype="float32")
+                      t2i_text="frozen_clip", t2i_steps=4500, t2i_layers=5, t2i_null_tokens=LEGACY_NULL_T5_TOKENS,
+                      save_dtype="float32")
         if quick:
             cfg = dataclasses.replace(cfg, dataset_size=512, vae_channels=(8, 16, 32), vae_steps=20, vae_batch=16,
                                       clip_steps=20, clip_batch=16,
@@ -129,11 +139,11 @@ class BuildConfig:
         return cfg
 
     @classmethod
-    def quick(cls) -> "BuildConfig":
+    def quick(cls) -> BuildConfig:
         """The base recipe as a minutes-long smoke build."""
         return cls.preset("base", quick=True)
 
-    def with_overrides(self, pairs: list[str]) -> "BuildConfig":
+    def with_overrides(self, pairs: list[str]) -> BuildConfig:
         """``["t2i_steps=100", "noise.drop_count=0.5", ...]`` applied to a copy; unknown keys and
         unparsable values fail with the list of valid keys."""
         top = {f.name: f for f in dataclasses.fields(self)}
@@ -602,7 +612,7 @@ def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], v
         if step % 200 == 0 or step == cfg.t2i_steps - 1:
             _log(f"t2i step {step}/{cfg.t2i_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     ema.copy_to()
-    stage.finish(_pipeline(transformer, te, vae, tokenizer).save_pretrained)
+    stage.finish(_saver(_pipeline(transformer, te, vae, tokenizer), cfg))
     return load_pipeline(stage.out)
 
 
@@ -616,7 +626,7 @@ def _t2i_modules(cfg: BuildConfig, tokenizer, clip_model):
     else:
         te = _text_encoder_from_clip(clip_model)
     transformer = pm.transformer_model(2 * te.config.hidden_size, 2 * te.config.projection_dim, layers=cfg.t2i_layers)
-    use_collapsed_null_tokens(transformer, NULL_T5_TOKENS)
+    use_collapsed_null_tokens(transformer, cfg.t2i_null_tokens)
     return transformer, te
 
 
@@ -633,6 +643,22 @@ def _pipeline(transformer, te, vae, tokenizer):
         vae=vae, text_encoder=te, tokenizer=tokenizer, text_encoder_2=te, tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )
+
+
+def _saver(pipe, cfg: BuildConfig):
+    """Writes the pipeline folder, with a ``flowalign.json`` naming its null-token count where that is not
+    the stock pipeline's default (``folder_settings``: policies loaded from it use that count)."""
+    from ..models.base import DEFAULT_MAX_SEQUENCE_LENGTH, SETTINGS_FILE
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        if cfg.t2i_null_tokens != DEFAULT_MAX_SEQUENCE_LENGTH:
+            note = ("trained with this many null T5 tokens after the prompt; with the stock "
+                    "StableDiffusion3Pipeline pass max_sequence_length=<this value> to reproduce it")
+            (Path(folder) / SETTINGS_FILE).write_text(
+                json.dumps({"max_sequence_length": cfg.t2i_null_tokens, "note": note}, indent=2) + "\n")
+
+    return write
 
 
 def snapshot(out_dir: str | os.PathLike, cfg: BuildConfig, work_dir: str | os.PathLike | None = None) -> int:
@@ -660,7 +686,7 @@ def snapshot(out_dir: str | os.PathLike, cfg: BuildConfig, work_dir: str | os.Pa
             p.copy_(e)
     pipe = _pipeline(transformer, te, AutoencoderKL.from_pretrained(st["vae"].out), tokenizer)
     with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp)
+        _saver(pipe, cfg)(tmp)
     return int(state["step"])
 
 
@@ -698,7 +724,8 @@ def stages(cfg: BuildConfig, root: Path) -> dict[str, Stage]:
     t2i = Stage(root, "t2i", {"data": data.key, "vae": vae.key, "seed": cfg.seed, "noise": noise,
                               "text": cfg.t2i_text, "clip": clip.key if cfg.t2i_text == "frozen_clip" else None,
                               "steps": cfg.t2i_steps, "batch": cfg.t2i_batch, "lr": cfg.t2i_lr,
-                              "layers": cfg.t2i_layers, "ema_decay": cfg.ema_decay, "cfg_dropout": cfg.cfg_dropout,
+                              "layers": cfg.t2i_layers, "null_tokens": cfg.t2i_null_tokens, "ema_decay": cfg.ema_decay,
+                              "cfg_dropout": cfg.cfg_dropout,
                               "checkpoint_every": cfg.checkpoint_every})
     return {"data": data, "vae": vae, "clip": clip, "t2i": t2i}
 
@@ -780,7 +807,12 @@ def build(out_dir: str | os.PathLike, cfg: BuildConfig | None = None, work_dir: 
 
 def calibrate(t2i_dir: Path, test_prompts, cfg: BuildConfig, *, sweep: bool, out_dir: Path | None) -> dict:
     """Gold accuracy at the default sampler (and over a steps × CFG grid with ``sweep``)."""
-    from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate_model, load_pocket_policy
+    from .sample import (
+        DEFAULT_GUIDANCE,
+        DEFAULT_STEPS,
+        evaluate_model,
+        load_pocket_policy,
+    )
 
     policy = load_pocket_policy(t2i_dir)
     report = {"default_sampler": {"num_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,

@@ -10,10 +10,13 @@
 The tokenizer is a real ``CLIPTokenizer`` (byte-level BPE) whose merges turn every word of the pocket
 grammar into one token; any other text still tokenizes (byte by byte), so no input is rejected.
 
-**The missing T5.** Without ``text_encoder_3``, ``StableDiffusion3Pipeline`` appends 256 all-zero T5
-tokens to the prompt; the pocket T2I model is trained with them collapsed into one token
-(``flowalign.models.sd3.CollapsedNullTokensProcessor``), which is exact, so the stock pipeline runs
-the same model.
+**The missing T5.** Without ``text_encoder_3``, ``StableDiffusion3Pipeline`` appends
+``max_sequence_length`` all-zero T5 tokens to the prompt (default 256). The first world was trained
+with those 256, collapsed into one token (``flowalign.models.sd3.CollapsedNullTokensProcessor``,
+exact); they took so much of the attention that relations were never learned, so the rebuilt models
+are trained with one (``BuildConfig.t2i_null_tokens``), recorded in the folder's ``flowalign.json``:
+policies loaded from the folder use it, and the stock pipeline runs the same model with
+``max_sequence_length=1``.
 """
 
 from __future__ import annotations
