@@ -120,6 +120,13 @@ def test_bad_input_fails_before_generation(tmp_path, tiny_clip_dir, capsys):
     assert main(["sample", "--prompt", "a circle", "--out", str(out), "--height", "32", "--device", "cpu"]) == 2
     assert "give both --height and --width" in capsys.readouterr().err
 
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for cmd in (["sample", "--prompt", "a circle"], ["eval", "pocket", "--prompts", "prompts/pocket/test_96.jsonl"]):
+        assert main([*cmd, "--out", str(blocker), "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "is a file" in err and err.count("\n") == 1, err
+
 
 def test_eval_geneval_writes_genevals_layout_and_resumes(tmp_path, tiny_clip_dir, capsys):
     """The whole GenEval path on the pocket model with a seeded random DETR (labels: COCO names): the

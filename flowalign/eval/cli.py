@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import check_output_dir
 from ..models.families import FAMILIES
 
 
@@ -60,6 +61,7 @@ def _cmd_eval(ns) -> int:
         elif ns.benchmark == "unigenbench":
             options = {"judge_endpoint": ns.judge_endpoint, "judge_model": ns.judge_model,
                        "judge_retries": ns.judge_retries, "judge_timeout": ns.judge_timeout}
+        check_output_dir(ns.out or f"runs/eval_{ns.benchmark}", "--out")  # before the model loads
         run_eval(ns.benchmark, prompts, ns.out or f"runs/eval_{ns.benchmark}", model=ns.model, lora=ns.lora,
                  family=ns.family, images_per_prompt=ns.images_per_prompt, seed=ns.seed, steps=ns.steps,
                  guidance=ns.guidance, height=height, width=width, batch=ns.batch, device=ns.device, dtype=ns.dtype,
@@ -81,6 +83,7 @@ def _cmd_sample(ns) -> int:
             from ..prompts import read_prompts
 
             prompts = [r["prompt"].strip() for r in read_prompts(ns.prompts)]
+        check_output_dir(ns.out, "--out")  # before the model loads
         run_sample(prompts, ns.out, model=ns.model, lora=ns.lora, family=ns.family,
                    images_per_prompt=ns.images_per_prompt or 1, seed=ns.seed, steps=ns.steps, guidance=ns.guidance,
                    height=height, width=width, batch=ns.batch, device=ns.device, dtype=ns.dtype,
