@@ -69,7 +69,13 @@ def _tiny_pocket_cfg(tmp_path, preset="flow_grpo", *extra):
 
 
 def test_run_grpo_trains_and_reads_its_curves(tmp_path):
+    """Also after something else in this process (a notebook cell, a bf16 recipe) set up accelerate
+    with another mixed precision: accelerate refuses a second Accelerator with another one."""
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="bf16", cpu=True)
     cfg = _tiny_pocket_cfg(tmp_path)
+    assert cfg.train.mixed_precision != "bf16"
     run = run_grpo(cfg)
     key = "eval/pocket_gold/strict"
     its, vals = run.curve(key)

@@ -77,6 +77,17 @@ class Stream(enum.IntEnum):
     PROMPTS = 11  # the prompt permutation of each epoch of the prompt file (seeded by run seed and epoch)
 
 
+def _forget_single_process_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another mixed
+    precision; in one process (a notebook running a bf16 recipe, then an fp32 one) that is not a
+    conflict, so the old state is dropped. Launched processes (WORLD_SIZE > 1) are left alone."""
+    from accelerate.state import AcceleratorState
+
+    old = AcceleratorState._shared_state.get("_mixed_precision")
+    if old is not None and old != mixed_precision and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 class GRPOTrainer:
     """Build with a ``Config``; ``policy``/``reward`` may be passed in already loaded (notebooks, tests).
 
@@ -91,6 +102,8 @@ class GRPOTrainer:
         t, s = cfg.train, cfg.sampling
         if accelerator is None:  # before accelerate picks this process's GPU, which fails with a CUDA error
             check_launch(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), cfg.model.device)
+        if accelerator is None:
+            _forget_single_process_precision(_MIXED_PRECISION[t.mixed_precision])
         self.acc = accelerator or Accelerator(mixed_precision=_MIXED_PRECISION[t.mixed_precision],
                                               cpu=cfg.model.device == "cpu")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
