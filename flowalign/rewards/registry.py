@@ -88,7 +88,7 @@ def _call(factory: Callable, name: str, kind: str, args: dict[str, Any]):
     try:
         return factory(**args)
     except Exception as err:
-        cause = _hub_failure(err)
+        cause = None if isinstance(err, UserError) else _hub_failure(err)  # a reward's own message names its file
         if cause is None:
             raise
         raise UserError(f"{kind} {name!r}: its weights are neither in the local Hugging Face cache nor reachable "
