@@ -113,6 +113,25 @@ def test_oracle_and_base_share_data_and_vae_but_not_the_caption_stages(tmp_path)
     assert legacy["vae"].dir != base["vae"].dir and legacy["t2i"].settings["clip"] == legacy["clip"].key
 
 
+def test_t2i_training_draws_categories_in_the_configured_proportions():
+    from flowalign.pocket.build import _image_weights
+
+    rng = np.random.default_rng(0)
+    prompts = [spec_to_prompt(s) for s in sample_specs(3000, rng, CATEGORIES, split="all")]
+    cfg = BuildConfig()
+    weights = _image_weights(prompts, cfg.t2i_category_weights)
+    draws = torch.multinomial(weights, 60_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    drawn = np.bincount([CATEGORIES.index(parse_prompt(prompts[i]).category) for i in draws.tolist()], minlength=6)
+    have = np.bincount([CATEGORIES.index(parse_prompt(p).category) for p in prompts], minlength=6)
+    want = np.array(cfg.t2i_category_weights) * have / (np.array(cfg.t2i_category_weights) * have).sum()
+    assert np.abs(drawn / drawn.sum() - want).max() < 0.01, (drawn / drawn.sum(), want)
+    assert _image_weights(prompts, (2.0,) * 6) is None  # all equal: uniform over images, as before
+    with pytest.raises(ValueError, match="t2i_category_weights takes 6 non-negative finite numbers"):
+        BuildConfig(t2i_category_weights=(1.0, -1.0, 1.0, 1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="t2i_category_weights takes 6"):
+        BuildConfig().with_overrides(["t2i_category_weights=1,2"])
+
+
 def test_bad_build_settings_get_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown caption regime 'dirty'; use one of clean, noisy"):
         BuildConfig(captions="dirty")
