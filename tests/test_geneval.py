@@ -290,26 +290,11 @@ def tiny_detectors(tmp_path_factory):
 
 def _tokenizer_with_nonzero_bos():
     """A word-level CLIPTokenizer whose start token is not id 0 (OWL masks queries starting with id 0)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
+    from flowalign.models.tokenizers import word_clip_tokenizer
 
-    vocab, merges = {}, []
-    alphabet = sorted(ByteLevel.alphabet())
-    for s in alphabet:
-        vocab[s] = len(vocab)
-    for s in alphabet:
-        vocab[s + "</w>"] = len(vocab)
-    for word in ("a", "an", "photo", "of", "cat", "dog", "computer", "mouse"):
-        prefix = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            piece = ch + ("</w>" if i == len(word) - 1 else "")
-            if (prefix, piece) not in merges:
-                merges.append((prefix, piece))
-                vocab.setdefault(prefix + piece, len(vocab))
-            prefix += piece
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    tok = word_clip_tokenizer(("a", "an", "photo", "of", "cat", "dog", "computer", "mouse"), 16, specials_first=False)
+    assert tok.bos_token_id != 0
+    return tok
 
 
 def _images(n=3, size=48):
