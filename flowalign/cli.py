@@ -138,7 +138,8 @@ def _registrars():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    words = [parser.prog, ns.command] + [getattr(ns, a) for a in ("config_command", "pocket_command") if hasattr(ns, a)]
+    words = [parser.prog, ns.command] + [getattr(ns, a) for a in ("config_command", "pocket_command", "benchmark")
+                                         if hasattr(ns, a)]
     return run_command(" ".join(words), ns.func, ns)
 
 

@@ -15,9 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..errors import check_output_dir
+from ..errors import UserError, check_output_dir
 from ..models.families import FAMILIES
 
 
@@ -41,72 +40,59 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _size(ns) -> tuple[int | None, int | None]:
     if (ns.height is None) != (ns.width is None):
-        raise ValueError("give both --height and --width, or neither (the model's resolution)")
+        raise UserError("give both --height and --width, or neither (the model's resolution)")
     return ns.height, ns.width
 
 
 def _cmd_eval(ns) -> int:
     from .runner import run_eval
 
-    prog = f"flowalign eval {ns.benchmark}"
-    try:
-        height, width = _size(ns)
-        prompts = ns.prompts or {"pocket": "prompts/pocket/test.jsonl", "geneval": "prompts/geneval/test.jsonl"}.get(
-            ns.benchmark)
-        if prompts is None:
-            raise ValueError("--prompts is required for unigenbench (the benchmark's test_prompts_en.csv)")
-        options = {}
-        if ns.benchmark == "geneval":
-            options = {"detector": ns.detector, "clip": ns.clip}
-        elif ns.benchmark == "unigenbench":
-            options = {"judge_endpoint": ns.judge_endpoint, "judge_model": ns.judge_model,
-                       "judge_retries": ns.judge_retries, "judge_timeout": ns.judge_timeout}
-        check_output_dir(ns.out or f"runs/eval_{ns.benchmark}", "--out")  # before the model loads
-        run_eval(ns.benchmark, prompts, ns.out or f"runs/eval_{ns.benchmark}", model=ns.model, lora=ns.lora,
-                 family=ns.family, images_per_prompt=ns.images_per_prompt, seed=ns.seed, steps=ns.steps,
-                 guidance=ns.guidance, height=height, width=width, batch=ns.batch, device=ns.device, dtype=ns.dtype,
-                 progress=not ns.no_progress, **options)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    height, width = _size(ns)
+    prompts = ns.prompts or {"pocket": "prompts/pocket/test.jsonl", "geneval": "prompts/geneval/test.jsonl"}.get(
+        ns.benchmark)
+    if prompts is None:
+        raise UserError("--prompts is required for unigenbench (the benchmark's test_prompts_en.csv)")
+    options = {}
+    if ns.benchmark == "geneval":
+        options = {"detector": ns.detector, "clip": ns.clip}
+    elif ns.benchmark == "unigenbench":
+        options = {"judge_endpoint": ns.judge_endpoint, "judge_model": ns.judge_model,
+                   "judge_retries": ns.judge_retries, "judge_timeout": ns.judge_timeout}
+    check_output_dir(ns.out or f"runs/eval_{ns.benchmark}", "--out")  # before the model loads
+    run_eval(ns.benchmark, prompts, ns.out or f"runs/eval_{ns.benchmark}", model=ns.model, lora=ns.lora,
+             family=ns.family, images_per_prompt=ns.images_per_prompt, seed=ns.seed, steps=ns.steps,
+             guidance=ns.guidance, height=height, width=width, batch=ns.batch, device=ns.device, dtype=ns.dtype,
+             progress=not ns.no_progress, **options)
     return 0
 
 
 def _cmd_sample(ns) -> int:
     from .runner import run_sample
 
-    try:
-        height, width = _size(ns)
-        if ns.prompt is not None:
-            prompts = [ns.prompt.strip()] if ns.prompt.strip() else []
-        else:
-            from ..prompts import read_prompts
+    height, width = _size(ns)
+    if ns.prompt is not None:
+        prompts = [ns.prompt.strip()] if ns.prompt.strip() else []
+    else:
+        from ..prompts import read_prompts
 
-            prompts = [r["prompt"].strip() for r in read_prompts(ns.prompts)]
-        check_output_dir(ns.out, "--out")  # before the model loads
-        run_sample(prompts, ns.out, model=ns.model, lora=ns.lora, family=ns.family,
-                   images_per_prompt=ns.images_per_prompt or 1, seed=ns.seed, steps=ns.steps, guidance=ns.guidance,
-                   height=height, width=width, batch=ns.batch, device=ns.device, dtype=ns.dtype,
-                   progress=not ns.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"flowalign sample: error: {e}", file=sys.stderr)
-        return 2
+        prompts = [r["prompt"].strip() for r in read_prompts(ns.prompts)]
+    check_output_dir(ns.out, "--out")  # before the model loads
+    run_sample(prompts, ns.out, model=ns.model, lora=ns.lora, family=ns.family,
+               images_per_prompt=ns.images_per_prompt or 1, seed=ns.seed, steps=ns.steps, guidance=ns.guidance,
+               height=height, width=width, batch=ns.batch, device=ns.device, dtype=ns.dtype,
+               progress=not ns.no_progress)
     return 0
 
 
 def _cmd_geneval_prompts(ns) -> int:
     from . import geneval as G
 
-    try:
-        if ns.test:
-            test = G.read_metadata(ns.test)
-            rows = G.training_set(test, ns.seed, ns.per_tag)
-        else:
-            rows = G.generate_suite(ns.seed, ns.per_tag)
-        G.write_metadata(ns.out, rows)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"flowalign geneval-prompts: error: {e}", file=sys.stderr)
-        return 2
+    if ns.test:
+        test = G.read_metadata(ns.test)
+        rows = G.training_set(test, ns.seed, ns.per_tag)
+    else:
+        rows = G.generate_suite(ns.seed, ns.per_tag)
+    G.write_metadata(ns.out, rows)
     counts = {t: sum(r["tag"] == t for r in rows) for t in G.TAGS}
     print(f"wrote {len(rows)} GenEval-format prompts to {ns.out} ({', '.join(f'{t} {n}' for t, n in counts.items())})"
           + (f", none of them in {ns.test}" if ns.test else ""))

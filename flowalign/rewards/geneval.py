@@ -253,7 +253,7 @@ class GenEvalReward:
             try:
                 G.check_metadata(m, known_classes=self.scorer.detector.classes, need_prompt=False)
             except ValueError as e:
-                raise ValueError(f"prompt {i + 1} {p!r}: {e}") from None
+                raise UserError(f"prompt {i + 1} {p!r}: {e}") from None
 
     def __call__(self, images, prompts, metadata=None):
         verdicts, _ = self.scorer.score(images, metadata)
