@@ -84,11 +84,11 @@ def _bidirectional_clip() -> None:
 
 def train_probe(variant: str, steps: int, mix: str, out: str, seed: int = 0):
     import torch
-    import torch.nn.functional as F
 
     from flowalign.ema import EMA
     from flowalign.pocket import models as pm
     from flowalign.pocket.build import (
+        LEGACY_NULL_T5_TOKENS,
         BuildConfig,
         _Budget,
         _cosine,
@@ -100,6 +100,7 @@ def train_probe(variant: str, steps: int, mix: str, out: str, seed: int = 0):
         dataset_latents,
         default_cache,
         encode_text,
+        flow_matching_loss,
         make_dataset,
         stages,
         train_vae,
@@ -108,7 +109,7 @@ def train_probe(variant: str, steps: int, mix: str, out: str, seed: int = 0):
     from flowalign.seeding import seed_everything
 
     # every variant but nonull keeps the recipe the oracle was first built with: 256 null T5 tokens
-    cfg = dataclasses.replace(BuildConfig.preset("oracle"), t2i_null_tokens=1 if variant == "nonull" else 256)
+    cfg = dataclasses.replace(BuildConfig.preset("oracle"), t2i_null_tokens=1 if variant == "nonull" else LEGACY_NULL_T5_TOKENS)
     st = stages(cfg, default_cache())
     data = make_dataset(st["data"], cfg, _Budget())
     vae = train_vae(st["vae"], data, cfg, _Budget())
@@ -132,11 +133,7 @@ def train_probe(variant: str, steps: int, mix: str, out: str, seed: int = 0):
         pid[torch.rand(len(pid), generator=g) < cfg.cfg_dropout] = empty
         t = torch.sigmoid(torch.randn(len(idx), generator=g) + shift)
         eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
-        emb, pooled = encode_text(te, ids[pid])
-        v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pooled,
-                        timestep=t * 1000).sample
-        loss = F.mse_loss(v, eps - x0)
+        loss = flow_matching_loss(transformer, x0, eps, t, *encode_text(te, ids[pid]))
         _optimizer_step(opt, params, loss, cfg.t2i_lr * _cosine(step, steps, warmup=200))
         ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         ema.update()

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..ema import EMA
 from ..io import atomic_dir
+from ..models.base import DEFAULT_MAX_SEQUENCE_LENGTH, SETTINGS_FILE
 from ..models.sd3 import use_collapsed_null_tokens
 from ..seeding import seed_everything
 from . import models as pm
@@ -59,7 +60,7 @@ from .captions import CaptionNoise, captions_for
 # relations from the prompt tokens (the oracle at 6 000 steps: relation right 43, flipped 53 of 116;
 # with one null token a 1 500-step probe gets 113 right, 2 flipped: benchmarks/pocket_relation_probe.py).
 # A folder trained with other than 256 says so in its flowalign.json (``max_sequence_length``).
-LEGACY_NULL_T5_TOKENS = 256
+LEGACY_NULL_T5_TOKENS = DEFAULT_MAX_SEQUENCE_LENGTH
 CAPTION_REGIMES = ("clean", "noisy")
 TEXT_CONDITIONING = ("joint", "frozen_clip")
 PRESETS = ("base", "oracle", "legacy")
@@ -617,10 +618,8 @@ def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], v
         pid = pid.to(dev)
         t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(dev)  # logit-normal(0, 1), as SD3
         eps = torch.randn(x0.shape, generator=g).to(dev)
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
         emb, pool = encode_text(te, ids[pid]) if joint else (embs[pid], pooled[pid])
-        v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pool, timestep=t * 1000).sample
-        loss = F.mse_loss(v, eps - x0)
+        loss = flow_matching_loss(transformer, x0, eps, t, emb, pool)
         _optimizer_step(opt, params, loss, cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200))
         ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten fast
         ema.update()
@@ -629,6 +628,13 @@ def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], v
     ema.copy_to()
     stage.finish(_saver(_pipeline(transformer, te, vae, tokenizer), cfg))
     return load_pipeline(stage.out)
+
+
+def flow_matching_loss(transformer, x0, eps, t, emb, pooled) -> torch.Tensor:
+    """The rectified-flow loss the T2I model trains on: the velocity eps − x0 at x_t = (1−t)·x0 + t·eps."""
+    xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+    v = transformer(hidden_states=xt, encoder_hidden_states=emb, pooled_projections=pooled, timestep=t * 1000).sample
+    return F.mse_loss(v, eps - x0)
 
 
 def _image_weights(prompts: list[str], category_weights: tuple[float, ...]) -> torch.Tensor | None:
@@ -673,8 +679,6 @@ def _pipeline(transformer, te, vae, tokenizer):
 def _saver(pipe, cfg: BuildConfig):
     """Writes the pipeline folder, with a ``flowalign.json`` naming its null-token count where that is not
     the stock pipeline's default (``folder_settings``: policies loaded from it use that count)."""
-    from ..models.base import DEFAULT_MAX_SEQUENCE_LENGTH, SETTINGS_FILE
-
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)
         if cfg.t2i_null_tokens != DEFAULT_MAX_SEQUENCE_LENGTH:
