@@ -7,7 +7,8 @@
 Trains with ``flowalign train`` (fresh output folder), then samples the shipped base model and the
 trained LoRA on the 384 held-out prompts (``prompts/pocket/test.jsonl``; the pocket default sampler:
 20 ODE steps, CFG 1.5, seed 0) and scores both with the exact evaluator. Prints and writes
-``<out>/benchmark.json`` and a before/after grid ``<out>/before_after.png`` (rows alternate base, tuned).
+``<out>/benchmark.json`` and a before/after grid ``<out>/before_after.png``: 8 prompts of each category,
+a base row then a tuned row, each image labelled with its prompt and strict gold verdict (✓/✗).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     out = Path(ns.out)
 
-    from flowalign.io import atomic_write_json, save_image_grid
+    from flowalign.io import atomic_write_json, save_labelled_grid
     from flowalign.pocket.evaluate import evaluate, format_report
     from flowalign.pocket.prompts import load_prompt_file
     from flowalign.pocket.sample import load_pocket_policy, sample_images
@@ -49,23 +50,28 @@ def main(argv=None) -> int:
         train_s = time.time() - t0
 
     prompts = [r["prompt"] for r in load_prompt_file(ns.prompts)]
-    results, grids = {}, {}
+    results, grids, strict = {}, {}, {}
     for name, opts in (("base", {}), ("tuned", {"lora_init_path": str(out / "final/lora")})):
         policy = load_pocket_policy(**opts)
         images = sample_images(policy, prompts, seed=0)
-        results[name] = evaluate(images, prompts).summary()
-        grids[name] = images
+        res = evaluate(images, prompts)
+        results[name], grids[name], strict[name] = res.summary(), images, res.strict.tolist()
+        categories = res.categories
         print(f"== {name}\n{format_report(results[name])}")
     report = {"config": ns.config, "overrides": ns.overrides, "train_wall_s": train_s, "threads": torch.get_num_threads(),
               "prompts": ns.prompts, "images": len(prompts), "base": results["base"], "tuned": results["tuned"],
               "gain_strict": results["tuned"]["strict"]["overall"] - results["base"]["strict"]["overall"]}
     atomic_write_json(out / "benchmark.json", report)
-    # 8 prompts per category (every 8th of each 64-prompt category), base row then tuned row
-    pick = list(range(0, len(prompts), 8))[:48]
-    rows = []
-    for i in range(0, len(pick), 8):
-        rows += [grids["base"][pick[i:i + 8]], grids["tuned"][pick[i:i + 8]]]
-    save_image_grid(out / "before_after.png", torch.cat(rows), nrow=8, scale=4)
+    # per category the base model's images, then the tuned model's; the grid shows the same 8 prompts of both
+    images, shown, verdicts, groups = [], [], [], []
+    for c in dict.fromkeys(categories):
+        ids = [i for i, cat in enumerate(categories) if cat == c]
+        for name in ("base", "tuned"):
+            images.append(grids[name][ids])
+            shown += [prompts[i] for i in ids]
+            verdicts += [strict[name][i] for i in ids]
+            groups += [f"{c} ({name})"] * len(ids)
+    save_labelled_grid(out / "before_after.png", torch.cat(images), shown, verdicts, groups)
     print(json.dumps({"train_wall_s": train_s, "base_strict": results["base"]["strict"]["overall"],
                       "tuned_strict": results["tuned"]["strict"]["overall"], "gain": report["gain_strict"]}))
     return 0

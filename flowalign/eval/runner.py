@@ -152,11 +152,16 @@ def generate_missing(policy, jobs: list[Job], *, seed: int, steps: int, guidance
     return len(todo)
 
 
-def save_grid(out: Path, paths: list[Path], limit: int = 64) -> Path | None:
-    from ..io import save_image_grid
+def save_grid(out: Path, paths: list[Path], verdicts: list[dict] | None = None, limit: int = 64) -> Path | None:
+    """``out/grid.png``: with ``verdicts`` (per image: ``prompt``, ``category``, ``strict``), a labelled
+    grid of 8 images per category; without, the first ``limit`` images unlabelled."""
+    from ..io import save_image_grid, save_labelled_grid
 
     if not paths:
         return None
+    if verdicts is not None:
+        return save_labelled_grid(out / "grid.png", load_pngs(paths), [v["prompt"] for v in verdicts],
+                                  [v["strict"] for v in verdicts], [v["category"] for v in verdicts])
     images = load_pngs(paths[:limit])
     scale = max(1, 128 // images.shape[-1])  # 32-pixel pocket images are upscaled to be seen
     return save_image_grid(out / "grid.png", images, nrow=8, scale=scale)
@@ -327,7 +332,7 @@ def run_eval(benchmark: str, prompts: str, out: str | os.PathLike, *, model: str
               "resolution": list(res) if res else None, "sample_seconds": round(sample_s, 1), "summary": summary}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in per_image))
-    save_grid(out, [j.path for j in jobs])
+    save_grid(out, [j.path for j in jobs], per_image if benchmark == "pocket" else None)  # pocket: labelled
     log(table)
     log(f"wrote {out}/report.json, {out}/results.jsonl and {out}/grid.png")
     return report

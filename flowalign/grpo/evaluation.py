@@ -4,8 +4,9 @@ eval rewards.
 Metrics (main process): ``eval/reward`` (the eval reward's total), ``eval/<reward>`` (each reward's
 mean score) and whatever each reward reports in its info: a per-image tensor as
 ``eval/<reward>/<field>`` (its mean), a dict of numbers (a breakdown, e.g. per category) entry by
-entry as ``eval/<reward>/<entry>``; plus ``time/eval_s``. A grid of the first 64 images goes to
-``<output_dir>/eval/iter_XXXXXX.png``.
+entry as ``eval/<reward>/<entry>``; plus ``time/eval_s``. A grid goes to
+``<output_dir>/eval/iter_XXXXXX.png``: with the pocket gold reward among the eval rewards, 8 images of
+each category labelled with their prompts and strict verdicts; otherwise the first 64 images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import save_image_grid
+from ..io import save_image_grid, save_labelled_grid
 from ..seeding import sample_noise
 
 __all__ = ["Evaluator", "eval_metrics"]
@@ -54,10 +55,20 @@ class Evaluator:
         metas = [{k: v for k, v in r.items() if k != "prompt"} for r in self.rows for _ in range(self.cfg.num_images)]
         total, info = self.reward(images, prompts, metas)
         metrics = eval_metrics(total, info, len(images))
-        save_image_grid(self.output_dir / "eval" / f"iter_{iteration:06d}.png", images[:64], nrow=8,
-                        scale=max(1, 128 // images.shape[-1]))
+        self.save_grid(self.output_dir / "eval" / f"iter_{iteration:06d}.png", images, prompts, info)
         metrics["time/eval_s"] = time.time() - t0
         return metrics
+
+    @staticmethod
+    def save_grid(path: Path, images: torch.Tensor, prompts: list[str], info) -> None:
+        """Labelled by the pocket gold reward's verdicts when a ``MultiReward`` holding it scored the set."""
+        from ..pocket.evaluate import PocketGold
+
+        gold = info.get("info", {}).get(PocketGold.name) if isinstance(info, dict) else None
+        if gold is None:
+            save_image_grid(path, images[:64], nrow=8, scale=max(1, 128 // images.shape[-1]))
+            return
+        save_labelled_grid(path, images, prompts, gold["strict"].bool().tolist(), gold["categories"])
 
 
 def eval_metrics(total: torch.Tensor, info, n: int) -> dict[str, float]:

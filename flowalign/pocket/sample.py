@@ -49,8 +49,9 @@ def evaluate_model(policy, prompts_file: str | os.PathLike, *, seed: int = 0, nu
                    guidance_scale: float = DEFAULT_GUIDANCE, limit_per_category: int | None = None,
                    out_dir: str | os.PathLike | None = None) -> dict:
     """Gold accuracy of a pocket model on a prompt file (per category: strict, exact, partial).
-    With ``out_dir``: writes ``report.json`` and ``grid.png`` (first 64 samples)."""
-    from ..io import atomic_write_json, save_image_grid
+    With ``out_dir``: writes ``report.json`` and ``grid.png`` (8 samples of each category, labelled with
+    their prompts and strict verdicts)."""
+    from ..io import atomic_write_json, save_labelled_grid
     from .evaluate import evaluate
     from .prompts import limit_per_category as limit_rows
     from .prompts import load_prompt_file
@@ -61,11 +62,12 @@ def evaluate_model(policy, prompts_file: str | os.PathLike, *, seed: int = 0, nu
     t0 = time.time()
     images = sample_images(policy, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale)
     sample_s = time.time() - t0
-    summary = evaluate(images, prompts).summary()
+    result = evaluate(images, prompts)
+    summary = result.summary()
     report = {"prompts_file": str(prompts_file), "images": len(prompts), "seed": seed, "num_steps": num_steps,
               "guidance_scale": guidance_scale, "sample_seconds": round(sample_s, 1), "gold": summary}
     if out_dir is not None:
         out = Path(out_dir)
         atomic_write_json(out / "report.json", report)
-        save_image_grid(out / "grid.png", images[:64], nrow=8, scale=4)
+        save_labelled_grid(out / "grid.png", images, prompts, result.strict.tolist(), result.categories)
     return report
