@@ -168,7 +168,7 @@ def test_encode_caches_per_prompt_and_matches_uncached_encoding():
 
 
 @pytest.mark.parametrize("kind_", ["sd3", "flux_dev"])
-def test_lora_changes_outputs_reference_is_the_base_and_saves_for_the_stock_pipeline(kind_, tmp_path):
+def test_lora_changes_outputs_reference_is_the_base_and_saves_for_the_stock_pipeline(kind_, tmp_path, capfd):
     policy = make_policy(kind_, train_mode="lora")
     base = make_policy(kind_, train_mode="none")
     x, cond, s = make_noise(policy), policy.encode(PROMPTS), GUIDANCE[kind_]
@@ -201,7 +201,10 @@ def test_lora_changes_outputs_reference_is_the_base_and_saves_for_the_stock_pipe
     assert (ours - theirs).abs().max() <= TOL
     assert (ours - ode_latents(base, x, cond, 2, s)).abs().max() > 1e-3
 
+    capfd.readouterr()
     resumed = make_policy(kind_, train_mode="lora", lora_init_path=str(tmp_path / "lora"))
+    # our adapters hold the denoiser's LoRA only: no per-text-encoder "No LoRA keys" notice on loading
+    assert "No LoRA keys" not in "".join(capfd.readouterr())
     assert sum(p.numel() for p in resumed.trainable_parameters()) == sum(p.numel() for p in params)
     with torch.no_grad():
         torch.testing.assert_close(resumed.velocity(x, 0.7, cond, s), v_lora, atol=1e-5, rtol=0)

@@ -26,6 +26,8 @@ diffusers, transformers and peft are imported inside functions so ``import flowa
 
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import dataclasses
 import json
@@ -520,11 +522,26 @@ class Policy:
                 f"model.lora_init_path {str(path)!r} does not exist; give a folder written by save_adapter()"
             )
         check_safetensors(Path(path).expanduser(), "model.lora_init_path")
-        self.pipe.load_lora_weights(str(Path(path).expanduser()), adapter_name="default")
+        # Our adapters hold the denoiser's LoRA only; diffusers warns once per text encoder that it found
+        # none for it. That notice is dropped; a denoiser without LoRA keys still warns (peft's logger).
+        notices = logging.getLogger("diffusers.loaders.lora_base")
+        quiet = _DropTextEncoderLoraNotice()
+        notices.addFilter(quiet)
+        try:
+            self.pipe.load_lora_weights(str(Path(path).expanduser()), adapter_name="default")
+        finally:
+            notices.removeFilter(quiet)
         for name, p in self.denoiser.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(trainable)
         self._has_lora = True
+
+
+class _DropTextEncoderLoraNotice(logging.Filter):
+    """Drops diffusers' "No LoRA keys associated to <text encoder>" notice (see ``_load_lora``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
 
 
 def _per_sample_sigma(sigma, batch: int, device: torch.device) -> torch.Tensor:
