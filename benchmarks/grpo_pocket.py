@@ -6,7 +6,7 @@
 
 Trains with ``flowalign train`` (fresh output folder), then samples the shipped base model and the
 trained LoRA on the 384 held-out prompts (``prompts/pocket/test.jsonl``; the pocket default sampler:
-20 ODE steps, CFG 1.5, seed 0) and scores both with the exact evaluator. Prints and writes
+20 ODE steps, CFG 2.0, seed 0) and scores both with the exact evaluator. Prints and writes
 ``<out>/benchmark.json`` and a before/after grid ``<out>/before_after.png``: 8 prompts of each category,
 a base row then a tuned row, each image labelled with its prompt and strict gold verdict (✓/✗).
 """

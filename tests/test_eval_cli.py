@@ -9,6 +9,7 @@ import torch
 
 from flowalign.cli import main
 from flowalign.eval.runner import load_pngs
+from flowalign.pocket.sample import DEFAULT_GUIDANCE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = "6"
@@ -39,7 +40,7 @@ def test_eval_pocket_matches_the_pocket_sampler_and_resumes(few_prompts, tmp_pat
     assert "colors" in table and "position" in table and "overall" in table
     report = json.loads((out / "report.json").read_text())
     files = [out / "images" / f"{i:05d}_0.png" for i in range(len(rows))]
-    assert report["generated_this_run"] == 6 and report["resolution"] == [32, 32] and report["guidance"] == 1.5
+    assert report["generated_this_run"] == 6 and report["resolution"] == [32, 32] and report["guidance"] == DEFAULT_GUIDANCE
     saved = load_pngs(files)
     # the same images as the pocket sampler draws for these rows (noise (seed, row)), up to 8-bit rounding
     ref = sample_images(load_pocket_policy(), [r["prompt"] for r in rows], num_steps=int(STEPS))

@@ -29,7 +29,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed; image i uses noise (seed, i)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the family's; pocket 20)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's; pocket 1.5)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's; pocket: its calibrated default)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's resolution)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's resolution)")
     p.add_argument("--batch", type=int, default=8, help="images generated at once")

@@ -38,7 +38,6 @@ from ..errors import UserError
 
 # Sampler defaults per family: (steps, guidance); the pocket model's own for builtin:pocket.
 SAMPLER_DEFAULTS = {"sd3": (40, 4.5), "flux": (28, 3.5), "sd_turbo": (1, 0.0), "sdxl_turbo": (1, 0.0)}
-POCKET_DEFAULTS = (20, 1.5)
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,11 @@ def default_resolution(policy) -> tuple[int, int]:
 def sampler_defaults(model: str, family: str) -> tuple[int, float]:
     from ..models import POCKET_PATH
 
-    return POCKET_DEFAULTS if model == POCKET_PATH else SAMPLER_DEFAULTS[family]
+    if model == POCKET_PATH:
+        from ..pocket.sample import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        return DEFAULT_STEPS, DEFAULT_GUIDANCE
+    return SAMPLER_DEFAULTS[family]
 
 
 # --------------------------------------------------------------------------------------------------

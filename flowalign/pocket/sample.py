@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_STEPS = 20  # the pocket model's default ODE step count
-DEFAULT_GUIDANCE = 1.5  # and CFG scale (chosen by the calibration sweep in the README)
+DEFAULT_GUIDANCE = 2.0  # and CFG scale: the base's best in the calibration sweep (weights/calibration.json)
 IMAGE_SIZE = 32
 
 
