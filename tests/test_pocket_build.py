@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from flowalign.pocket.build import BASE_NOISE, BuildConfig, BuildStopped, Stage, build, snapshot, stages
+from flowalign.pocket.build import (
+    BASE_NOISE,
+    PRESETS,
+    BuildConfig,
+    BuildStopped,
+    Stage,
+    build,
+    snapshot,
+    snapshot_stage,
+    stages,
+)
 from flowalign.pocket.captions import CaptionNoise, captions_for, noisy_caption
 from flowalign.pocket.grammar import CATEGORIES, parse_prompt, spec_to_prompt
 from flowalign.pocket.prompts import sample_specs
@@ -113,6 +123,47 @@ def test_oracle_and_base_share_data_and_vae_but_not_the_caption_stages(tmp_path)
     assert legacy["vae"].dir != base["vae"].dir and legacy["t2i"].settings["clip"] == legacy["clip"].key
 
 
+def test_the_default_presets_keep_their_stage_keys(tmp_path):
+    """The keys the real cache was built with before the misalign stage existed: a change here orphans
+    every built stage."""
+    names = {p: {k: s.dir.name for k, s in stages(BuildConfig.preset(p), tmp_path).items()} for p in PRESETS}
+    assert names["base"] == {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-6be0bb79d0a3",
+                             "t2i": "t2i-36220a6e139b"}
+    assert names["oracle"] == {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-0c312b1cf93e",
+                               "t2i": "t2i-566c396fdc10"}
+    assert names["legacy"]["t2i"] == "t2i-69fb0eb1117d"
+    # misaligned (as `--set misalign_steps=800` gives it): the oracle's T2I stage, then the misalign stage
+    cfg = BuildConfig.preset("base").with_overrides(["misalign_steps=800"])
+    st = stages(cfg, tmp_path)
+    assert cfg.misalign_steps == 800 and cfg.misalign_lr == 1e-4 and cfg.to_dict()["misalign_steps"] == 800
+    assert st["t2i"].dir.name == "t2i-566c396fdc10" and st["clip"].dir.name == "clip-6be0bb79d0a3"
+    assert st["misalign"].settings["t2i"] == st["t2i"].key and st["misalign"].settings["steps"] == 800
+    assert stages(cfg.with_overrides(["misalign_lr=3e-4"]), tmp_path)["misalign"].dir != st["misalign"].dir
+    # clean captions or no steps: no misalign stage, the keys of before
+    for other in (cfg.with_overrides(["captions=clean"]), cfg.with_overrides(["misalign_steps=0"])):
+        assert {k: s.dir.name for k, s in stages(other, tmp_path).items()} == names[other.captions == "clean"
+                                                                                    and "oracle" or "base"]
+
+
+def test_bad_misalign_settings_get_one_clear_error():
+    for kwargs, match in [({"misalign_steps": -1}, "misalign_steps must be an integer >= 0"),
+                          ({"misalign_steps": 2.5}, "misalign_steps must be an integer >= 0"),
+                          ({"misalign_steps": True}, "misalign_steps must be an integer >= 0"),
+                          ({"misalign_lr": 0.0}, "misalign_lr must be a finite number > 0, got 0.0"),
+                          ({"misalign_lr": float("inf")}, "misalign_lr must be a finite number > 0"),
+                          ({"misalign_lr": "fast"}, "misalign_lr must be a finite number > 0, got 'fast'"),
+                          ({"misalign_steps": 5, "t2i_text": "frozen_clip"}, "it needs t2i_text='joint'")]:
+        with pytest.raises(ValueError, match=match):
+            BuildConfig(**kwargs)
+    for pair, match in [("misalign_steps=-3", "misalign_steps must be an integer >= 0, got -3"),
+                        ("misalign_steps=1.5", "build key 'misalign_steps' needs a int, got '1.5'"),
+                        ("misalign_lr=nan", "misalign_lr must be a finite number > 0, got nan")]:
+        with pytest.raises(ValueError, match=match):
+            BuildConfig().with_overrides([pair])
+    # the first world keeps its frozen tower: misalign_steps has nothing to do with clean captions
+    assert not BuildConfig.preset("legacy").with_overrides(["misalign_steps=5"]).misaligned
+
+
 def test_t2i_training_draws_categories_in_the_configured_proportions():
     from flowalign.pocket.build import _image_weights
 
@@ -160,7 +211,8 @@ def test_bad_build_settings_get_one_clear_error(tmp_path):
 def test_build_cli_refuses_bad_input_in_one_line(tmp_path):
     for args, match in [(["--captions", "dirty"], "invalid choice: 'dirty'"),
                         (["--set", "noise.wrong_relation=0.9", "--set", "noise.drop_relation=0.5"], "exceeds 1"),
-                        (["--set", "nonsense=1"], "unknown build key 'nonsense'")]:
+                        (["--set", "nonsense=1"], "unknown build key 'nonsense'"),
+                        (["--set", "misalign_steps=-2"], "misalign_steps must be an integer >= 0, got -2")]:
         r = subprocess.run([sys.executable, "-m", "flowalign.cli", "pocket", "build", "--quick", "--out",
                             str(tmp_path / "o"), "--work", str(tmp_path / "w"), *args], capture_output=True, text=True)
         assert r.returncode == 2 and match in r.stderr, r.stderr[-1500:]
@@ -279,3 +331,80 @@ def test_a_killed_build_resumes_to_the_same_weights(tmp_path, whole):
     assert any((tmp_path / "cache_killed").glob("vae-*/checkpoint.pt")), "the build never reached a checkpoint"
     build(tmp_path / "killed", cfg, work_dir=tmp_path / "cache_killed")
     _assert_same_weights(whole["out"], tmp_path / "killed")
+
+
+# ---------------------------------------------------------------------------------------------
+# the misalign stage: the base = the oracle's T2I model fine-tuned on the noisy captions
+
+
+def _misaligned_quick():
+    return dataclasses.replace(BuildConfig.quick(), misalign_steps=8)  # checkpoints every 5 steps
+
+
+@pytest.fixture(scope="module")
+def misaligned(tmp_path_factory):
+    """One uninterrupted quick misaligned build (the reference for the misalign tests)."""
+    tmp = tmp_path_factory.mktemp("misaligned")
+    report = build(tmp / "out", _misaligned_quick(), work_dir=tmp / "cache")
+    return {"out": tmp / "out", "cache": tmp / "cache", "report": report}
+
+
+def _stage_weights(folder):
+    """A T2I stage folder's transformer and text tower tensors, as the checkpoint's modules name them."""
+    from safetensors.torch import load_file
+
+    return {"transformer": load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"),
+            "text_encoder": load_file(folder / "text_encoder" / "model.safetensors")}
+
+
+def test_a_stopped_misalign_stage_starts_from_the_oracle_and_resumes_to_the_same_weights(tmp_path, misaligned):
+    """Stopped at the misalign stage's step 0 (its checkpoint holds the oracle's weights), then part-way
+    off a checkpoint boundary, then run to the end: the export equals an uninterrupted build's, bit for bit,
+    and differs from the oracle's model it started from."""
+    cfg = _misaligned_quick()
+    cache = tmp_path / "cache"
+    st = stages(cfg, cache)
+    stops = []
+    for budget in (41, 7, None):  # data 1 chunk + vae 20 + oracle t2i 20 = 41 steps before the misalign stage
+        try:
+            build(tmp_path / "parts", cfg, work_dir=cache, stop_after_steps=budget)
+        except BuildStopped as e:
+            stops.append(str(e))
+        if len(stops) == 1 and budget == 41:  # step 0: the oracle's weights, exactly
+            assert st["t2i"].done and not st["misalign"].done
+            state = torch.load(st["misalign"].dir / "checkpoint.pt", weights_only=True)
+            oracle = _stage_weights(st["t2i"].out)
+            for name, tensors in oracle.items():
+                ckpt = state["modules"][name]
+                assert all(torch.equal(ckpt[k], v) for k, v in tensors.items()), name
+            assert snapshot_stage(cfg, cache).name == "misalign" and snapshot(tmp_path / "snap", cfg, cache) == 0
+        if len(stops) == 2 and budget == 7:  # a snapshot part-way through the misalign stage loads and samples
+            assert snapshot(tmp_path / "snap", cfg, work_dir=cache) == 7
+            img = sample_images(load_pocket_policy(tmp_path / "snap" / "t2i"), ["a red circle"], num_steps=2)
+            assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+    assert stops == ["stopped in stage misalign at step 0", "stopped in stage misalign at step 7"], stops
+    _assert_same_weights(misaligned["out"], tmp_path / "parts")
+    assert not any(cache.rglob("checkpoint.pt")), "finished stages keep no checkpoint"
+    # the exported base is the misalign stage's model, which fine-tuning moved away from the oracle's
+    final, oracle = _stage_weights(st["misalign"].out), _stage_weights(st["t2i"].out)
+    for name in final:
+        assert final[name].keys() == oracle[name].keys()
+        assert not all(torch.equal(final[name][k], oracle[name][k]) for k in final[name]), name
+    exported = _weights(misaligned["out"])["t2i/transformer/diffusion_pytorch_model.safetensors"]
+    assert all(torch.equal(v, final["transformer"][k].half()) for k, v in exported.items())
+    report = misaligned["report"]
+    assert report["stages"]["misalign"] == st["misalign"].dir.name and report["config"]["misalign_steps"] == 8
+    assert "misalign" in report["seconds_this_run"]
+
+
+def test_the_oracle_build_reuses_the_misaligned_builds_oracle_stage(tmp_path, misaligned):
+    cache = misaligned["cache"]
+    before = {p.name for p in cache.iterdir()}
+    oracle = dataclasses.replace(_misaligned_quick(), captions="clean")  # misalign_steps has no effect here
+    report = build(tmp_path / "oracle", oracle, work_dir=cache, stop_after_steps=20)  # the clean CLIP's 20 steps
+    added = {p.name for p in cache.iterdir()} - before
+    assert sorted(n.split("-")[0] for n in added) == ["clip"], added
+    assert report["stages"]["t2i"] in before and "misalign" not in report["stages"]
+    oracle_t2i = _stage_weights(stages(oracle, cache)["t2i"].out)["transformer"]
+    exported = _weights(tmp_path / "oracle")["t2i/transformer/diffusion_pytorch_model.safetensors"]
+    assert all(torch.equal(v, oracle_t2i[k].half()) for k, v in exported.items())

@@ -20,6 +20,13 @@ the same weights as an uninterrupted one.
                CLIP slots' ``CLIPTextModelWithProjection``) together with the transformer, so relations,
                counts and color bindings reach it; ``frozen_clip`` (the first world) uses the pocket
                CLIP's text tower, frozen. Saved as a ``StableDiffusion3Pipeline`` folder (no T5).
+   ``misalign`` – only with noisy captions and ``misalign_steps > 0``: the base's T2I model is then a capable
+               model misaligned by recent training on alt-text. The ``t2i`` stage trains the *oracle's*
+               model (the same recipe on clean captions: the very stage ``--captions clean`` builds, so
+               either build reuses the other's), and this stage fine-tunes a copy of it ``misalign_steps``
+               steps on the noisy captions with the T2I stage's step (loss, category weights, CFG
+               dropout, clipped AdamW) at the constant ``misalign_lr``, transformer and text tower both,
+               no EMA (the final weights are the model). Its folder is the build's ``t2i/``.
 5. calibration – gold accuracy per category on the held-out test prompts at the default sampler, the
                pocket CLIP's zero-shot pick among hard negatives, and optionally a steps × CFG sweep.
 
@@ -101,6 +108,11 @@ class BuildConfig:
     # learned by exposure: a position-only probe draws relations right after 1 500 steps (96 000 position
     # images) while the full uniform mix at 2 250 steps (24 000) does not yet, so bindings get more.
     t2i_category_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 0.5, 3.0, 2.0)
+    # with noisy captions: the base's T2I model = the oracle's (clean captions) fine-tuned this many steps on
+    # the noisy ones (a capable model misaligned by recent training on alt-text: a base trained from scratch
+    # on them is too far from aligned for any method to show in budget). 0: trained from scratch on them.
+    misalign_steps: int = 0
+    misalign_lr: float = 1e-4  # the misalign fine-tuning's constant learning rate (AdamW, no schedule)
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     checkpoint_every: int = 250  # training steps between resumable checkpoints
@@ -125,10 +137,29 @@ class BuildConfig:
             raise ValueError(f"t2i_null_tokens must be an integer >= 1, got {self.t2i_null_tokens!r}")
         if self.save_dtype not in ("float16", "float32"):
             raise ValueError(f"save_dtype must be 'float16' or 'float32', got {self.save_dtype!r}")
+        if isinstance(self.misalign_steps, bool) or not isinstance(self.misalign_steps, int) or self.misalign_steps < 0:
+            raise ValueError(f"misalign_steps must be an integer >= 0, got {self.misalign_steps!r} (0: the base's "
+                             "T2I model is trained from scratch on its captions)")
+        if (isinstance(self.misalign_lr, bool) or not isinstance(self.misalign_lr, (int, float))
+                or not 0 < self.misalign_lr < math.inf):
+            raise ValueError(f"misalign_lr must be a finite number > 0, got {self.misalign_lr!r}")
+        self.misalign_lr = float(self.misalign_lr)
+        if self.misaligned and self.t2i_text != "joint":
+            raise ValueError("misalign_steps > 0 fine-tunes a jointly trained text tower; it needs t2i_text='joint', "
+                             f"got {self.t2i_text!r} (or set misalign_steps=0)")
 
     @property
     def caption_noise(self) -> CaptionNoise:
         return self.noise if self.captions == "noisy" else CaptionNoise()
+
+    @property
+    def misaligned(self) -> bool:
+        """Whether the T2I model is the oracle's fine-tuned on the noisy captions (the ``misalign`` stage)."""
+        return self.captions == "noisy" and self.misalign_steps > 0
+
+    def oracle(self) -> BuildConfig:
+        """The same recipe with clean captions (the model the ``misalign`` stage starts from)."""
+        return dataclasses.replace(self, captions="clean")
 
     @classmethod
     def preset(cls, name: str, quick: bool = False) -> BuildConfig:
@@ -573,6 +604,62 @@ def dataset_latents(vae_stage: Stage, vae, images: np.ndarray) -> torch.Tensor:
     return latents
 
 
+@dataclass
+class _CaptionedLatents:
+    """A T2I training set on the training device: each image's latent and caption index, the distinct
+    captions tokenized (the empty one, for CFG dropout, at ``empty``) and the images' draw weights."""
+    latents: torch.Tensor  # [N, 4, 8, 8] scaled VAE latents
+    ids: torch.Tensor  # [P, L] token ids of the distinct captions
+    prompt_idx: torch.Tensor  # [N] (CPU) each image's caption, an index into ids
+    empty: int
+    weights: torch.Tensor | None  # [N] (CPU) draw weight of each image; None: uniform
+    frozen: tuple[torch.Tensor, torch.Tensor] | None  # ([P, L+1, D], [P, 2E]) a frozen tower's embeddings
+
+
+def _captioned_latents(name: str, vae_stage: Stage, vae, data: dict, captions: list[str], tokenizer,
+                       cfg: BuildConfig, dev: torch.device, frozen_te=None) -> _CaptionedLatents:
+    """Stage ``name``'s training set of ``captions``; with ``frozen_te`` (on ``dev``) their embeddings are
+    computed once."""
+    distinct = sorted(set(captions)) + [""]
+    pos = {p: i for i, p in enumerate(distinct)}
+    ids = _tokens(tokenizer, distinct)
+    latents = dataset_latents(vae_stage, vae, data["images"])
+    _log(f"{name}: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct captions "
+         f"({'frozen CLIP text tower' if frozen_te is not None else 'text tower trained'})")
+    frozen = None
+    if frozen_te is not None:
+        with torch.no_grad():
+            parts = [encode_text(frozen_te, ids[i:i + 256].to(dev)) for i in range(0, len(ids), 256)]
+        frozen = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _CaptionedLatents(latents.to(dev), ids.to(dev), torch.tensor([pos[p] for p in captions]), pos[""],
+                             _image_weights(data["prompts"], cfg.t2i_category_weights), frozen)
+
+
+def _t2i_step(d: _CaptionedLatents, transformer, te, opt, params, g: torch.Generator, cfg: BuildConfig,
+              lr: float) -> torch.Tensor:
+    """One rectified-flow training step (the T2I and misalign stages'): ``t2i_batch`` images drawn by their
+    category weights, each caption dropped to "" with probability ``cfg_dropout`` (for CFG), t ~
+    logit-normal(0, 1) as SD3, x_t = (1−t)·x0 + t·ε, then a clipped AdamW step at ``lr``. Returns the loss.
+
+    The random numbers come from ``g`` (CPU) in this order: batch, dropout, t, ε; a checkpoint resumes
+    bit-exactly only while the order stays."""
+    dev = d.latents.device
+    if d.weights is None:
+        idx = torch.randint(len(d.latents), (cfg.t2i_batch,), generator=g)
+    else:
+        idx = torch.multinomial(d.weights, cfg.t2i_batch, replacement=True, generator=g)
+    x0 = d.latents[idx.to(dev)]  # [B, 4, 8, 8]
+    pid = d.prompt_idx[idx].clone()
+    pid[torch.rand(len(pid), generator=g) < cfg.cfg_dropout] = d.empty
+    pid = pid.to(dev)
+    t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(dev)  # logit-normal(0, 1), as SD3
+    eps = torch.randn(x0.shape, generator=g).to(dev)
+    emb, pool = encode_text(te, d.ids[pid]) if d.frozen is None else (d.frozen[0][pid], d.frozen[1][pid])
+    loss = flow_matching_loss(transformer, x0, eps, t, emb, pool)
+    _optimizer_step(opt, params, loss, lr)
+    return loss
+
+
 def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], vae, clip_model, tokenizer,
               cfg: BuildConfig, budget: _Budget):
     """The rectified-flow T2I model; ``clip_model`` is used only with ``t2i_text == "frozen_clip"``."""
@@ -581,22 +668,10 @@ def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], v
     g = seed_everything(cfg.seed + 30)
     joint = cfg.t2i_text == "joint"
     transformer, te = _t2i_modules(cfg, tokenizer, clip_model)
-    distinct = sorted(set(captions)) + [""]
-    pos = {p: i for i, p in enumerate(distinct)}
-    ids = _tokens(tokenizer, distinct)
-    prompt_idx = torch.tensor([pos[p] for p in captions])
-    empty = pos[""]
-    latents = dataset_latents(vae_stage, vae, data["images"])
-    _log(f"t2i: {len(latents)} latents {tuple(latents.shape[1:])}, {len(distinct)} distinct captions "
-         f"({'text tower trained jointly' if joint else 'frozen CLIP text tower'})")
     dev = _device()
     te, transformer = te.to(dev), transformer.to(dev)
-    embs = pooled = None
-    if not joint:
-        with torch.no_grad():
-            parts = [encode_text(te, ids[i:i + 256].to(dev)) for i in range(0, len(ids), 256)]
-        embs, pooled = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    ids, latents = ids.to(dev), latents.to(dev)
+    d = _captioned_latents(stage.name, vae_stage, vae, data, captions, tokenizer, cfg, dev,
+                           frozen_te=None if joint else te)
     modules = {"transformer": transformer, **({"text_encoder": te} if joint else {})}
     params = [p for m in modules.values() for p in m.parameters()]
     ema = EMA(params, cfg.ema_decay)
@@ -605,27 +680,47 @@ def train_t2i(stage: Stage, vae_stage: Stage, data: dict, captions: list[str], v
     t0 = time.time()
     start = run.start()
     te.train(joint)
-    weights = _image_weights(data["prompts"], cfg.t2i_category_weights)
     for step in range(start, cfg.t2i_steps):
         run.before_step(step, start)
-        if weights is None:
-            idx = torch.randint(len(latents), (cfg.t2i_batch,), generator=g)
-        else:
-            idx = torch.multinomial(weights, cfg.t2i_batch, replacement=True, generator=g)
-        x0 = latents[idx.to(dev)]
-        pid = prompt_idx[idx].clone()
-        pid[torch.rand(len(pid), generator=g) < cfg.cfg_dropout] = empty
-        pid = pid.to(dev)
-        t = torch.sigmoid(torch.randn(len(idx), generator=g)).to(dev)  # logit-normal(0, 1), as SD3
-        eps = torch.randn(x0.shape, generator=g).to(dev)
-        emb, pool = encode_text(te, ids[pid]) if joint else (embs[pid], pooled[pid])
-        loss = flow_matching_loss(transformer, x0, eps, t, emb, pool)
-        _optimizer_step(opt, params, loss, cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200))
+        loss = _t2i_step(d, transformer, te, opt, params, g, cfg,
+                         cfg.t2i_lr * _cosine(step, cfg.t2i_steps, warmup=200))
         ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten fast
         ema.update()
         if step % 200 == 0 or step == cfg.t2i_steps - 1:
             _log(f"t2i step {step}/{cfg.t2i_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     ema.copy_to()
+    stage.finish(_saver(_pipeline(transformer, te, vae, tokenizer), cfg))
+    return load_pipeline(stage.out)
+
+
+def misalign_t2i(stage: Stage, oracle_stage: Stage, vae_stage: Stage, data: dict, captions: list[str], vae,
+                 tokenizer, cfg: BuildConfig, budget: _Budget):
+    """The base's T2I model when ``cfg.misaligned``: the oracle's (``oracle_stage``, finished) fine-tuned
+    ``misalign_steps`` steps on the noisy ``captions``, transformer and text tower both, with the T2I stage's
+    step (:func:`_t2i_step`) at the constant ``misalign_lr``; no EMA: the final weights are exported."""
+    if stage.done:
+        return load_pipeline(stage.out)
+    assert cfg.misaligned and oracle_stage.done, (cfg.misaligned, oracle_stage.dir)
+    g = seed_everything(cfg.seed + 40)
+    oracle = load_pipeline(oracle_stage.out)
+    transformer, te = oracle.transformer, oracle.text_encoder
+    use_collapsed_null_tokens(transformer, cfg.t2i_null_tokens)  # the processor the T2I stage trained with
+    dev = _device()
+    te, transformer = te.to(dev), transformer.to(dev)
+    d = _captioned_latents(stage.name, vae_stage, vae, data, captions, tokenizer, cfg, dev)
+    modules = {"transformer": transformer, "text_encoder": te}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.misalign_lr, weight_decay=0.01)
+    run = _Trainer(stage, modules, opt, {"g": g}, {}, None, cfg.checkpoint_every, budget)
+    t0 = time.time()
+    start = run.start()
+    transformer.train()
+    te.train()
+    for step in range(start, cfg.misalign_steps):
+        run.before_step(step, start)
+        loss = _t2i_step(d, transformer, te, opt, params, g, cfg, cfg.misalign_lr)
+        if step % 50 == 0 or step == cfg.misalign_steps - 1:
+            _log(f"misalign step {step}/{cfg.misalign_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     stage.finish(_saver(_pipeline(transformer, te, vae, tokenizer), cfg))
     return load_pipeline(stage.out)
 
@@ -690,29 +785,46 @@ def _saver(pipe, cfg: BuildConfig):
     return write
 
 
+def snapshot_stage(cfg: BuildConfig, work_dir: str | os.PathLike | None = None) -> Stage:
+    """The training stage :func:`snapshot` exports: the misalign stage once it has begun (a checkpoint or
+    its model), else the T2I stage."""
+    st = stages(cfg, Path(work_dir) if work_dir is not None else default_cache())
+    m = st.get("misalign")
+    if m is not None and (m.done or (m.dir / "checkpoint.pt").exists()):
+        return m
+    return st["t2i"]
+
+
 def snapshot(out_dir: str | os.PathLike, cfg: BuildConfig, work_dir: str | os.PathLike | None = None) -> int:
-    """Export the T2I stage as it stands (its last checkpoint's EMA weights, or the finished model) to
-    ``out_dir/t2i`` without training; returns the step it was taken at. For watching a long build."""
+    """Export the T2I model as it stands to ``out_dir/t2i`` without training; returns the step (of
+    :func:`snapshot_stage`'s stage) it was taken at. For watching a long build. From the T2I stage: its last
+    checkpoint's EMA weights, or the finished model; from the misalign stage (no EMA): its last
+    checkpoint's weights, or the finished model."""
     from diffusers import AutoencoderKL
     from transformers import CLIPModel
 
     st = stages(cfg, Path(work_dir) if work_dir is not None else default_cache())
+    stage = snapshot_stage(cfg, work_dir)
     out = Path(out_dir) / "t2i"
-    if st["t2i"].done:
-        _export(st["t2i"].out, out, cfg.save_dtype)
-        return cfg.t2i_steps
-    ckpt = st["t2i"].dir / "checkpoint.pt"
+    if stage.done:
+        _export(stage.out, out, cfg.save_dtype)
+        return cfg.misalign_steps if stage.name == "misalign" else cfg.t2i_steps
+    ckpt = stage.dir / "checkpoint.pt"
     if not ckpt.exists():
-        raise ValueError(f"the T2I stage {st['t2i'].dir} has no checkpoint yet; it writes one every "
+        raise ValueError(f"the T2I stage {stage.dir} has no checkpoint yet; it writes one every "
                          f"{cfg.checkpoint_every} steps once the build reaches it")
     tokenizer = pm.build_tokenizer()
     clip_model = CLIPModel.from_pretrained(st["clip"].out) if cfg.t2i_text == "frozen_clip" else None
     transformer, te = _t2i_modules(cfg, tokenizer, clip_model)
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
-    params = list(transformer.parameters()) + (list(te.parameters()) if cfg.t2i_text == "joint" else [])
-    with torch.no_grad():
-        for p, e in zip(params, state["ema"], strict=True):
-            p.copy_(e)
+    if stage.name == "misalign":
+        transformer.load_state_dict(state["modules"]["transformer"])
+        te.load_state_dict(state["modules"]["text_encoder"])
+    else:
+        params = list(transformer.parameters()) + (list(te.parameters()) if cfg.t2i_text == "joint" else [])
+        with torch.no_grad():
+            for p, e in zip(params, state["ema"], strict=True):
+                p.copy_(e)
     pipe = _pipeline(transformer, te, AutoencoderKL.from_pretrained(st["vae"].out), tokenizer)
     with atomic_dir(out) as tmp:
         _saver(pipe, cfg)(tmp)
@@ -741,7 +853,9 @@ def default_cache() -> Path:
 
 
 def stages(cfg: BuildConfig, root: Path) -> dict[str, Stage]:
-    """The four stage folders of a build: each keyed by its own settings and its inputs' keys."""
+    """The stage folders of a build (data, vae, clip, t2i; and misalign when ``cfg.misaligned``), each keyed
+    by its own settings and its inputs' keys. When misaligned, ``t2i`` is the oracle's T2I stage (the key
+    ``cfg.oracle()`` gives it) and ``misalign`` holds the build's T2I model (:func:`t2i_model_stage`)."""
     data = Stage(root, "data", {"seed": cfg.seed, "dataset_size": cfg.dataset_size})
     vae = Stage(root, "vae", {"data": data.key, "seed": cfg.seed, "channels": list(cfg.vae_channels),
                               "steps": cfg.vae_steps, "batch": cfg.vae_batch, "lr": cfg.vae_lr, "kl": cfg.vae_kl,
@@ -750,14 +864,30 @@ def stages(cfg: BuildConfig, root: Path) -> dict[str, Stage]:
     clip = Stage(root, "clip", {"data": data.key, "seed": cfg.seed, "noise": noise, "steps": cfg.clip_steps,
                                 "batch": cfg.clip_batch, "lr": cfg.clip_lr, "negatives": cfg.clip_negatives,
                                 "checkpoint_every": cfg.checkpoint_every})
-    t2i = Stage(root, "t2i", {"data": data.key, "vae": vae.key, "seed": cfg.seed, "noise": noise,
+    # misaligned: the oracle's T2I stage, keyed exactly as the oracle's build keys it (clean captions; the
+    # "clip" entry is None in both, a misaligned build's text tower being trained jointly)
+    t2i_noise = dataclasses.asdict(cfg.oracle().caption_noise) if cfg.misaligned else noise
+    t2i = Stage(root, "t2i", {"data": data.key, "vae": vae.key, "seed": cfg.seed, "noise": t2i_noise,
                               "text": cfg.t2i_text, "clip": clip.key if cfg.t2i_text == "frozen_clip" else None,
                               "steps": cfg.t2i_steps, "batch": cfg.t2i_batch, "lr": cfg.t2i_lr,
                               "layers": cfg.t2i_layers, "null_tokens": cfg.t2i_null_tokens,
                               "category_weights": list(cfg.t2i_category_weights), "ema_decay": cfg.ema_decay,
                               "cfg_dropout": cfg.cfg_dropout,
                               "checkpoint_every": cfg.checkpoint_every})
-    return {"data": data, "vae": vae, "clip": clip, "t2i": t2i}
+    out = {"data": data, "vae": vae, "clip": clip, "t2i": t2i}
+    if cfg.misaligned:
+        out["misalign"] = Stage(root, "misalign", {"t2i": t2i.key, "seed": cfg.seed, "noise": noise,
+                                                   "steps": cfg.misalign_steps, "lr": cfg.misalign_lr,
+                                                   "batch": cfg.t2i_batch,
+                                                   "category_weights": list(cfg.t2i_category_weights),
+                                                   "cfg_dropout": cfg.cfg_dropout,
+                                                   "checkpoint_every": cfg.checkpoint_every})
+    return out
+
+
+def t2i_model_stage(st: dict[str, Stage]) -> Stage:
+    """The stage whose folder is the build's T2I model: ``misalign`` when there is one, else ``t2i``."""
+    return st.get("misalign", st["t2i"])
 
 
 def _export(src: Path, dst: Path, dtype: str) -> None:
@@ -777,7 +907,8 @@ def build(out_dir: str | os.PathLike, cfg: BuildConfig | None = None, work_dir: 
           test_prompts: str | os.PathLike | None = None, *, max_seconds: float | None = None,
           stop_after_steps: int | None = None, sweep: bool = False, threads: int | None = None) -> dict:
     """Train every pocket model (cached under ``work_dir``, default :func:`default_cache`), export
-    ``clip/`` and ``t2i/`` into ``out_dir`` and return the calibration (also ``calibration.json``).
+    ``clip/`` and ``t2i/`` (the misalign stage's model when ``cfg.misaligned``, else the T2I stage's) into
+    ``out_dir`` and return the calibration (also ``calibration.json``).
 
     Raises :class:`BuildStopped` when ``max_seconds`` or ``stop_after_steps`` run out first; the same
     call then resumes. ``sweep``: also measure the base over steps × CFG (minutes). ``threads``: torch
@@ -814,12 +945,21 @@ def build(out_dir: str | os.PathLike, cfg: BuildConfig | None = None, work_dir: 
     if cfg.t2i_text == "frozen_clip":
         clip_stage()
     t = time.time()
-    train_t2i(st["t2i"], st["vae"], data, captions, vae, clip_model, tokenizer, cfg, budget)
+    if cfg.misaligned:  # first the oracle's T2I model (shared with the oracle's build), on clean captions
+        oracle = cfg.oracle()
+        train_t2i(st["t2i"], st["vae"], data, training_captions(data, oracle)[0], vae, None, tokenizer, oracle,
+                  budget)
+    else:
+        train_t2i(st["t2i"], st["vae"], data, captions, vae, clip_model, tokenizer, cfg, budget)
     timings["t2i"] = time.time() - t
+    if cfg.misaligned:
+        t = time.time()
+        misalign_t2i(st["misalign"], st["t2i"], st["vae"], data, captions, vae, tokenizer, cfg, budget)
+        timings["misalign"] = time.time() - t
     if clip_model is None:  # a jointly trained text tower needs no CLIP: the T2I model is ready first
         clip_stage()
     _export(st["clip"].out, out / "clip", cfg.save_dtype)
-    _export(st["t2i"].out, out / "t2i", cfg.save_dtype)
+    _export(t2i_model_stage(st).out, out / "t2i", cfg.save_dtype)
     report = {
         "config": cfg.to_dict(),
         "stages": {k: s.dir.name for k, s in st.items()},

@@ -96,14 +96,17 @@ def _cmd_build(ns) -> int:
 
 
 def _snapshot(ns, cfg) -> int:
-    from .build import snapshot
+    from .build import snapshot, snapshot_stage
     from .evaluate import format_report
     from .sample import evaluate_model, load_pocket_policy
 
     step = snapshot(ns.out, cfg, work_dir=ns.work)
+    stage = snapshot_stage(cfg, ns.work)
+    total = cfg.misalign_steps if stage.name == "misalign" else cfg.t2i_steps
     report = evaluate_model(load_pocket_policy(f"{ns.out}/t2i"), ns.prompts, limit_per_category=16,
                             out_dir=f"{ns.out}/snapshot_eval")
-    print(f"T2I snapshot at step {step} of {cfg.t2i_steps} in {ns.out}/t2i; 16 held-out prompts per category:")
+    print(f"T2I snapshot ({stage.dir.name}) at step {step} of {total} in {ns.out}/t2i; "
+          "16 held-out prompts per category:")
     print(format_report(report["gold"]))
     return 0
 
@@ -152,7 +155,10 @@ def register(subparsers) -> None:
     p_build.add_argument("--captions", default=None, choices=CAPTION_REGIMES,
                          help="caption regime, overriding the preset's (clean = the oracle)")
     p_build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a build setting, e.g. t2i_steps=3000 or noise.wrong_relation=0.3 (repeatable)")
+                         help="override a build setting, e.g. t2i_steps=3000 or noise.wrong_relation=0.3 (repeatable); "
+                              "misalign_steps=N (noisy captions): the base's T2I model is the oracle's fine-tuned N "
+                              "steps on the noisy captions at misalign_lr (default 1e-4), the oracle's T2I stage "
+                              "shared with --captions clean; 0 (default): trained from scratch on them")
     p_build.add_argument("--work", default=None,
                          help="stage cache (default ~/.cache/flowalign/pocket-build); a stopped build resumes from it")
     p_build.add_argument("--seed", type=int, default=0)
@@ -163,8 +169,9 @@ def register(subparsers) -> None:
     p_build.add_argument("--sweep", action="store_true", help="also measure the model over steps x CFG")
     p_build.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p_build.add_argument("--snapshot", action="store_true",
-                         help="train nothing: export the T2I stage as it stands (last checkpoint, EMA weights) to "
-                              "OUT/t2i and score it on 16 prompts per category")
+                         help="train nothing: export the T2I stage as it stands (last checkpoint, EMA weights; the "
+                              "misalign stage's last weights once it has begun) to OUT/t2i and score it on 16 "
+                              "prompts per category")
     p_build.set_defaults(func=_cmd_build)
 
 
