@@ -73,13 +73,15 @@ def _brightness_run(tmp_path, train: dict):
 
 
 def test_prdp_raises_a_known_reward_on_held_out_noise(tmp_path):
-    """PRDP through the whole loop on brightness (as the GRPO/NFT test in test_grpo_trainer.py). Measured
-    (one contended core): +8.6% held-out brightness after 5 iterations of 32 images (β = 2, ε = 1e-2,
-    lr 1e-3; β = 10 at lr 3e-3 made it darker). On each iteration's fresh samples the correlation of the
+    """PRDP through the whole loop on brightness (as the GRPO/NFT test in test_grpo_trainer.py). Measured on
+    the rebuilt pocket base (mostly dark images: brightness ≈ 0.06, so reward differences are small and the
+    regression target Δr/β needs a small β): +23% held-out brightness after 5 iterations of 32 images at
+    β = 0.5, ε = 1e-2, lr 1e-3; β = 2 gave +0.0% (+9% after 8 iterations), β = 2 at lr 3e-3 +3.6%, no clip
+    (ε = 0) +0.0%. (On the first world, with brighter images: β = 2 +8.6%; β = 10 at lr 3e-3 darker.) On each iteration's fresh samples the correlation of the
     predicted with the observed reward differences rose 0 → 0.03 → 0.08 over iterations 1–4 while the
     relative residual stayed ≈ 1.1–1.8 (the log-ratios' spread grows faster than what they explain): at
     this budget PRDP is far from its optimum on unseen samples; the fit to a batch is the next test."""
-    before, after, rows = _brightness_run(tmp_path, {"objective": "prdp", "lr": 1e-3, "prdp_beta": 2.0,
+    before, after, rows = _brightness_run(tmp_path, {"objective": "prdp", "lr": 1e-3, "prdp_beta": 0.5,
                                                      "prdp_clip_range": 1e-2})
     assert after > 1.05 * before, (before, after, [r["reward/total/mean"] for r in rows])
     # the policy starts at the reference (LoRA B = 0): it predicts no difference, relative residual exactly 1
@@ -102,14 +104,15 @@ def test_prdp_regression_approaches_its_optimum_on_a_batch(tmp_path):
     assert ratios[-1] < 0.4 and ratios[-1] < min(ratios[:5]), ratios
 
 
-@pytest.mark.parametrize("loss, gain", [
-    # measured: +20% (dpo: the best/worst pair of each group) and +17% (kto: top/bottom quarter of each group)
-    # after 5 iterations of 32 images (β = 1000, lr 1e-3)
-    ("dpo", 1.10),
-    ("kto", 1.08),
+@pytest.mark.parametrize("loss, lr, gain", [
+    # measured on the rebuilt pocket base (dark images, brightness ≈ 0.06), 5 iterations of 32 images, β = 1000:
+    # dpo (the best/worst pair of each group) ×2.8 at lr 3e-3 (+4% at lr 1e-3, +5% with β = 5000, +18% after 8
+    # iterations); kto (top/bottom quarter of each group) passes at lr 1e-3. First world: +20% / +17% at lr 1e-3.
+    ("dpo", 3e-3, 1.10),
+    ("kto", 1e-3, 1.08),
 ])
-def test_dragon_raises_a_known_reward_on_held_out_noise(tmp_path, loss, gain):
-    before, after, rows = _brightness_run(tmp_path, {"objective": "dragon", "dragon_loss": loss, "lr": 1e-3})
+def test_dragon_raises_a_known_reward_on_held_out_noise(tmp_path, loss, lr, gain):
+    before, after, rows = _brightness_run(tmp_path, {"objective": "dragon", "dragon_loss": loss, "lr": lr})
     assert after > gain * before, (before, after, [r["reward/total/mean"] for r in rows])
     assert all(r["train/dragon_positives"] == r["train/dragon_negatives"] > 0 for r in rows)
 
