@@ -1,4 +1,4 @@
-"""Paired comparison of two noise-search methods over seeds, from ``noise_opt_pocket.py --out`` folders.
+"""Paired comparison of two methods over seeds, from ``noise_opt_pocket.py`` or ``grpo_pocket.py`` ``--out`` folders.
 
 Each folder's ``per_prompt_strict.json`` holds every prompt's strict gold verdict per method (and per
 call budget with ``--curve``: keys ``method@calls``). All folders must use the same prompts (one
@@ -7,6 +7,7 @@ folder per noise seed). For the final images and every budget both methods have,
 error over prompts (seeds averaged per prompt first), the 95% interval and the wins / losses.
 
     python benchmarks/paired_gold.py runs/nopt_s2 runs/nopt_s3 --a reno --b best_of_n
+    python benchmarks/paired_gold.py runs/bench_s0 runs/bench_s1 runs/bench_s2 --a tuned --b base   # training seeds
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", help="noise_opt_pocket.py --out folders, one per seed")
+    p.add_argument("folders", nargs="+", help="noise_opt_pocket.py / grpo_pocket.py --out folders, one per seed")
     p.add_argument("--a", default="reno", help="method a (difference is a − b)")
     p.add_argument("--b", default="best_of_n", help="method b")
     ns = p.parse_args(argv)

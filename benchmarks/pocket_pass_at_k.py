@@ -1,6 +1,6 @@
 """What the shipped pocket model can already draw: per-prompt success rates over K seeds.
 
-For every held-out prompt, K images (the default sampler: 20 ODE steps, CFG 2.0; seeds 100 … 100+K−1)
+For every held-out prompt, K images (the default sampler: 20 ODE steps, CFG 3.0; seeds 100 … 100+K−1)
 are scored strict by the exact evaluator. Per category: ``acc`` the mean success rate (the usual
 accuracy, averaged over seeds), ``pass@K`` the fraction of prompts drawn correctly at least once,
 ``p0`` never, ``p>=0.5`` in at least half the seeds, ``majority`` in more than half, and ``plurality`` — whether

@@ -15,7 +15,7 @@ transformer>`` (written whole or not at all; ``--rebuild`` writes it again).
 Reported (JSON on stdout and in ``--out``/realign.json, per seed as it finishes):
 
 * the misaligned base's strict gold accuracy per category on the 384 held-out prompts
-  (``prompts/pocket/test.jsonl``, the default sampler: 20 ODE steps, CFG 2.0, seed 0);
+  (``prompts/pocket/test.jsonl``, the default sampler: 20 ODE steps, CFG 3.0, seed 0);
 * with ``--bound-minutes``: the supervised bound on it (clean renders, LoRA r32, lr 3e-4;
   ``benchmarks/pocket_supervised_bound.py --model <base>``);
 * with ``--config``: the preset trained on the base (``model.path`` = the base folder) for each of

@@ -5,7 +5,7 @@ Instead of rewards, the model gets the ground truth: the pocket world's own rend
 training prompts (``prompts/pocket/train.jsonl``, ``--copies`` renders each), encoded by the model's
 VAE, and is trained with the flow-matching loss it was built with (logit-normal t, 10% CFG dropout),
 through the same LoRA as the GRPO preset (or the full transformer) for a wall-clock budget. Held-out
-strict gold accuracy (384 test prompts, the default sampler: 20 ODE steps, CFG 2.0, seed 0 — the
+strict gold accuracy (384 test prompts, the default sampler: 20 ODE steps, CFG 3.0, seed 0 — the
 numbers of ``benchmarks/grpo_pocket.py``) is measured before and at ``--evals`` points (eval time
 not counted). Prints JSON.
 

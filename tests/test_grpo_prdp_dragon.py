@@ -74,14 +74,15 @@ def _brightness_run(tmp_path, train: dict):
 
 def test_prdp_raises_a_known_reward_on_held_out_noise(tmp_path):
     """PRDP through the whole loop on brightness (as the GRPO/NFT test in test_grpo_trainer.py). Measured on
-    the rebuilt pocket base (mostly dark images: brightness ≈ 0.06, so reward differences are small and the
-    regression target Δr/β needs a small β): +23% held-out brightness after 5 iterations of 32 images at
-    β = 0.5, ε = 1e-2, lr 1e-3; β = 2 gave +0.0% (+9% after 8 iterations), β = 2 at lr 3e-3 +3.6%, no clip
-    (ε = 0) +0.0%. (On the first world, with brighter images: β = 2 +8.6%; β = 10 at lr 3e-3 darker.) On each iteration's fresh samples the correlation of the
+    the misaligned pocket base (shipped 2026-11-30; mostly dark images: brightness ≈ 0.065, so reward
+    differences are small and the regression target Δr/β needs a small β), 5 iterations of 32 images, ε = 1e-2:
+    β = 0.5 at lr 3e-3 +23.7% held-out brightness; at lr 1e-3 +5.0% (+16.7% after 8 iterations); β = 0.25 at
+    lr 1e-3 +8.9%. (The from-scratch base before it: β = 0.5 at lr 1e-3 +23%, β = 2 +0.0%, no clip +0.0%; the
+    first world, with brighter images: β = 2 +8.6%; β = 10 at lr 3e-3 darker.) On each iteration's fresh samples the correlation of the
     predicted with the observed reward differences rose 0 → 0.03 → 0.08 over iterations 1–4 while the
     relative residual stayed ≈ 1.1–1.8 (the log-ratios' spread grows faster than what they explain): at
     this budget PRDP is far from its optimum on unseen samples; the fit to a batch is the next test."""
-    before, after, rows = _brightness_run(tmp_path, {"objective": "prdp", "lr": 1e-3, "prdp_beta": 0.5,
+    before, after, rows = _brightness_run(tmp_path, {"objective": "prdp", "lr": 3e-3, "prdp_beta": 0.5,
                                                      "prdp_clip_range": 1e-2})
     assert after > 1.05 * before, (before, after, [r["reward/total/mean"] for r in rows])
     # the policy starts at the reference (LoRA B = 0): it predicts no difference, relative residual exactly 1
@@ -92,15 +93,16 @@ def test_prdp_raises_a_known_reward_on_held_out_noise(tmp_path):
 def test_prdp_regression_approaches_its_optimum_on_a_batch(tmp_path):
     """PRDP's stated optimum: predicted and observed reward differences agree. Updating again and again on
     one scored batch (the trainer's own update; each call one inner epoch of 4 optimizer steps), the rms of
-    its pairs' residuals Δr̂ − Δr/β relative to their value at the sampling policy falls (measured: 0.995,
-    2.33 (Adam's first steps overshoot), 0.91, 0.81, 0.68, 0.55, 0.44, 0.30, 0.27, 0.24)."""
+    its pairs' residuals Δr̂ − Δr/β relative to their value at the sampling policy falls (measured on the
+    misaligned base shipped 2026-11-30: 1.12, 5.25 (Adam's first steps overshoot), 1.38, 1.11, 1.06, 0.96, 0.69,
+    0.43, 0.44, 0.42, 0.31, 0.17; on the from-scratch base before it 0.24 after 10)."""
     train = {"group_size": 8, "prompts_per_iteration": 4, "micro_batch_size": 8, "objective": "prdp", "kl_beta": 0.0,
              "lr": 1e-3, "prdp_beta": 2.0, "prdp_clip_range": 1e-2}
     data = pocket_config(tmp_path, sampling={"num_steps": 8}, train=train, eval={"prompts": None})
     trainer = GRPOTrainer(load(tmp_path, data), reward=_Brightness(), log=lambda *a: None)
     batch = trainer.rollout(0)
     trainer.score(batch)
-    ratios = [trainer.update(batch, 0)["train/prdp_residual_ratio"] for _ in range(10)]
+    ratios = [trainer.update(batch, 0)["train/prdp_residual_ratio"] for _ in range(12)]
     assert ratios[-1] < 0.4 and ratios[-1] < min(ratios[:5]), ratios
 
 

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_flow_grpo_lifts_held_out_gold_accuracy(tmp_path):
+def test_the_main_job_lifts_held_out_gold_accuracy(tmp_path):
+    """benchmarks/grpo_pocket.py with its default, the README's main job (configs/pocket/nft.yaml). Measured
+    2026-11-30: +0.068 / +0.102 / +0.076 over 3 seeds, so this fails today: the target is not reached."""
     out = tmp_path / "bench"
     subprocess.run([sys.executable, str(ROOT / "benchmarks/grpo_pocket.py"), "--out", str(out)], check=True,
                    cwd=ROOT, timeout=3600)

@@ -118,7 +118,11 @@ def test_bad_rates_are_refused(kwargs, match):
 def test_oracle_and_base_share_data_and_vae_but_not_the_caption_stages(tmp_path):
     base, oracle = stages(BuildConfig.preset("base"), tmp_path), stages(BuildConfig.preset("oracle"), tmp_path)
     assert base["data"].dir == oracle["data"].dir and base["vae"].dir == oracle["vae"].dir
-    assert base["clip"].dir != oracle["clip"].dir and base["t2i"].dir != oracle["t2i"].dir
+    assert base["clip"].dir != oracle["clip"].dir
+    # the base's T2I model is the oracle's (shared stage) misaligned by its own stage on the noisy captions
+    assert base["t2i"].dir == oracle["t2i"].dir and "misalign" in base and "misalign" not in oracle
+    scratch = stages(BuildConfig.preset("base").with_overrides(["misalign_steps=0"]), tmp_path)
+    assert scratch["t2i"].dir != oracle["t2i"].dir and "misalign" not in scratch
     legacy = stages(BuildConfig.preset("legacy"), tmp_path)
     assert legacy["vae"].dir != base["vae"].dir and legacy["t2i"].settings["clip"] == legacy["clip"].key
 
@@ -128,12 +132,16 @@ def test_the_default_presets_keep_their_stage_keys(tmp_path):
     every built stage."""
     names = {p: {k: s.dir.name for k, s in stages(BuildConfig.preset(p), tmp_path).items()} for p in PRESETS}
     assert names["base"] == {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-6be0bb79d0a3",
-                             "t2i": "t2i-36220a6e139b"}
+                             "t2i": "t2i-566c396fdc10", "misalign": "misalign-7349368fab06"}
+    scratch = {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-6be0bb79d0a3",
+               "t2i": "t2i-36220a6e139b"}  # the base trained from scratch on the noisy captions (misalign_steps=0)
     assert names["oracle"] == {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-0c312b1cf93e",
                                "t2i": "t2i-566c396fdc10"}
     assert names["legacy"]["t2i"] == "t2i-69fb0eb1117d"
-    # misaligned (as `--set misalign_steps=800` gives it): the oracle's T2I stage, then the misalign stage
-    cfg = BuildConfig.preset("base").with_overrides(["misalign_steps=800"])
+    # misaligned (the base; `--set misalign_steps=800` changes it): the oracle's T2I stage, then the misalign stage
+    assert BuildConfig.preset("base").misalign_steps == 300 and BuildConfig.preset("base").misalign_lr == 3e-4
+    assert BuildConfig.quick().misalign_steps == 0 and BuildConfig.preset("oracle", quick=True).misalign_steps == 0
+    cfg = BuildConfig.preset("base").with_overrides(["misalign_steps=800", "misalign_lr=1e-4"])
     st = stages(cfg, tmp_path)
     assert cfg.misalign_steps == 800 and cfg.misalign_lr == 1e-4 and cfg.to_dict()["misalign_steps"] == 800
     assert st["t2i"].dir.name == "t2i-566c396fdc10" and st["clip"].dir.name == "clip-6be0bb79d0a3"
@@ -141,8 +149,8 @@ def test_the_default_presets_keep_their_stage_keys(tmp_path):
     assert stages(cfg.with_overrides(["misalign_lr=3e-4"]), tmp_path)["misalign"].dir != st["misalign"].dir
     # clean captions or no steps: no misalign stage, the keys of before
     for other in (cfg.with_overrides(["captions=clean"]), cfg.with_overrides(["misalign_steps=0"])):
-        assert {k: s.dir.name for k, s in stages(other, tmp_path).items()} == names[other.captions == "clean"
-                                                                                    and "oracle" or "base"]
+        assert {k: s.dir.name for k, s in stages(other, tmp_path).items()} == (
+            names["oracle"] if other.captions == "clean" else scratch)
 
 
 def test_bad_misalign_settings_get_one_clear_error():

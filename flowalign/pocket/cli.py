@@ -157,8 +157,8 @@ def register(subparsers) -> None:
     p_build.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a build setting, e.g. t2i_steps=3000 or noise.wrong_relation=0.3 (repeatable); "
                               "misalign_steps=N (noisy captions): the base's T2I model is the oracle's fine-tuned N "
-                              "steps on the noisy captions at misalign_lr (default 1e-4), the oracle's T2I stage "
-                              "shared with --captions clean; 0 (default): trained from scratch on them")
+                              "steps on the noisy captions at misalign_lr, the oracle's T2I stage shared with "
+                              "--captions clean (the base preset: 300 steps at 3e-4); 0: trained from scratch on them")
     p_build.add_argument("--work", default=None,
                          help="stage cache (default ~/.cache/flowalign/pocket-build); a stopped build resumes from it")
     p_build.add_argument("--seed", type=int, default=0)
