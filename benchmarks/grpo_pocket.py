@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     from flowalign.pocket.sample import load_pocket_policy, sample_images
 
     train_s = None
-    if ns.skip_train and (out / "benchmark.json").is_file():  # re-evaluating keeps the training's wall time
-        train_s = json.loads((out / "benchmark.json").read_text()).get("train_wall_s")
-    if not ns.skip_train:
+    if ns.skip_train:
+        if (out / "benchmark.json").is_file():  # re-evaluating keeps the training's wall time
+            train_s = json.loads((out / "benchmark.json").read_text()).get("train_wall_s")
+    else:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
         cmd = [sys.executable, "-m", "flowalign", "train", ns.config, f"run.output_dir={out}", *ns.overrides]

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     for folder in ns.folders:
         path = Path(folder) / "per_prompt_strict.json"
         if not path.is_file():
-            print(f"{path} not found: run benchmarks/noise_opt_pocket.py with --out {folder}", file=sys.stderr)
+            print(f"{path} not found: run benchmarks/noise_opt_pocket.py or benchmarks/grpo_pocket.py with --out {folder}", file=sys.stderr)
             return 2
         runs.append(json.loads(path.read_text()))
     if any(r["prompts"] != runs[0]["prompts"] for r in runs):

@@ -16,7 +16,7 @@ def test_the_shipped_weights_are_the_base_preset_and_its_default_sampler_is_the_
     setting calibration.json's sweep found best (gate 3), so neither drifts from the weights."""
     import json
 
-    from flowalign.pocket.build import BuildConfig
+    from flowalign.pocket.build import BuildConfig, sweep_key
     from flowalign.pocket.sample import DEFAULT_STEPS
 
     shipped = json.loads((WEIGHTS_DIR / "build_config.json").read_text())
@@ -24,7 +24,7 @@ def test_the_shipped_weights_are_the_base_preset_and_its_default_sampler_is_the_
     cal = json.loads((WEIGHTS_DIR / "calibration.json").read_text())
     sweep = cal["sweep_strict_overall"]
     best = max(sweep.values())
-    assert sweep[f"steps{DEFAULT_STEPS}_cfg{DEFAULT_GUIDANCE:.1f}"] >= best - 1 / 384 + 1e-9, sweep
+    assert sweep[sweep_key(DEFAULT_STEPS, DEFAULT_GUIDANCE)] >= best - 1 / 384 + 1e-9, sweep
     assert cal["default_sampler"]["guidance_scale"] == DEFAULT_GUIDANCE and cal["stages"]["misalign"]
     # no build machine's paths in the shipped configs
     assert not [c for c in WEIGHTS_DIR.rglob("*.json") if "/root/" in c.read_text() or "_name_or_path" in c.read_text()]
