@@ -1,6 +1,6 @@
 """Execute the notebooks top to bottom and save their outputs in place (what gets committed).
 
-    python notebooks/run_full.py                       # all four, full budget, outputs saved in the .ipynb files
+    python notebooks/run_full.py                       # all five, full budget, outputs saved in the .ipynb files
     python notebooks/run_full.py 02_grpo_variants      # one of them
     python notebooks/run_full.py --quick --no-save     # the tiny budget the tests use, files left unchanged
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NOTEBOOKS = ["01_quickstart", "02_grpo_variants", "03_reward_hacking", "04_noise_optimization"]
+NOTEBOOKS = ["01_quickstart", "02_grpo_variants", "03_reward_hacking", "04_noise_optimization", "05_objectives"]
 
 
 def execute(path: Path, *, quick: bool, out: Path, save: bool) -> float:

@@ -11,8 +11,17 @@ import torch
 
 from flowalign.config import load_config
 from flowalign.experiments import (
-    RunResult, SearchSnapshots, arm_difference, arm_summary, collect_groups, group_advantage_stats, pair_agreement, run_grpo,
-    paired_difference, scale_budget, seed_band,
+    RunResult,
+    SearchSnapshots,
+    arm_difference,
+    arm_summary,
+    collect_groups,
+    group_advantage_stats,
+    pair_agreement,
+    paired_difference,
+    run_grpo,
+    scale_budget,
+    seed_band,
 )
 from flowalign.pocket.prompts import load_prompt_file, write_prompt_subset
 
@@ -40,9 +49,19 @@ def test_scale_budget_keeps_optimizer_steps_per_iteration(preset, divisor):
     small = scale_budget(cfg, num_iterations=9, prompts_per_iteration=4, group_divisor=divisor)
     t0, t1 = cfg.train, small.train
     assert (t1.num_iterations, t1.prompts_per_iteration, t1.group_size) == (9, 4, t0.group_size // divisor)
-    steps = lambda t: math.ceil(t.group_size * t.prompts_per_iteration / t.micro_batch_size)  # noqa: E731
+    steps = lambda t: math.ceil(t.group_size * t.prompts_per_iteration / t.micro_batch_size)
     assert steps(t1) == steps(t0)
     assert cfg.train.num_iterations == recipe_iterations != 9  # the recipe itself is untouched
+
+
+@pytest.mark.parametrize("preset", ["prdp", "dragon"])
+def test_scale_budget_keeps_whole_groups_per_micro_batch_for_group_objectives(preset):
+    cfg = load_config(PRESETS / f"{preset}.yaml")  # 8 groups of 16, micro-batches of 32 = 2 groups
+    small = scale_budget(cfg, num_iterations=2, prompts_per_iteration=2, group_divisor=4)  # 2 groups of 4
+    # 32·8/128 = 2 images would split a group of 4 (validate_config refuses it): one whole group instead
+    assert (small.train.group_size, small.train.micro_batch_size) == (4, 4)
+    small = scale_budget(cfg, num_iterations=2, prompts_per_iteration=4, group_divisor=2)
+    assert (small.train.group_size, small.train.micro_batch_size) == (8, 8)
 
 
 def test_scale_budget_moves_the_mix_window_over_the_shorter_run():

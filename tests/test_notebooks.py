@@ -62,3 +62,11 @@ def test_04_noise_optimization(tmp_path, monkeypatch):
     for name in ("Best-of-N", "ReNO", "Best-of-N (4 views)", "ReNO (4 views)"):
         rewards = [v[1] for _, v in sorted(res["curves"][name].items(), key=lambda kv: int(kv[0]))]
         assert rewards == sorted(rewards)  # best-so-far by reward never falls
+
+
+def test_05_objectives(tmp_path, monkeypatch):
+    _, res = _execute("05_objectives", tmp_path, monkeypatch)
+    assert [r["arm"] for r in res["arms"]] == ["Flow-GRPO", "DiffusionNFT", "PRDP", "DRAGON"]
+    for r in res["arms"]:  # paired with the base on the same prompts: the means differ by exactly the lift
+        assert r["prompts"] == 12 and abs(r["mean_a"] - res["base"] - r["diff"]) < 1e-9
+    assert any(" vs " in f for f in res["findings"])

@@ -10,14 +10,16 @@
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..grpo.config import Config, validate_config
+from ..grpo.objectives import OBJECTIVES
 
-__all__ = ["scale_budget", "RunResult", "run_grpo"]
+__all__ = ["RunResult", "run_grpo", "scale_budget"]
 
 
 def scale_budget(cfg: Config, *, num_iterations: int, prompts_per_iteration: int, group_divisor: int = 1) -> Config:
@@ -27,8 +29,9 @@ def scale_budget(cfg: Config, *, num_iterations: int, prompts_per_iteration: int
     number of ODE trunks), ``train.prompts_per_iteration`` and ``train.num_iterations`` the given
     values. ``train.micro_batch_size`` shrinks with the images per iteration, so each iteration
     still makes the recipe's number of optimizer steps (Adam's step count, not the batch, sets how
-    far LoRA weights move); ``sampling.window_shift_interval`` shrinks with the iterations, so a
-    MixGRPO window still travels its whole path.
+    far LoRA weights move), rounded up to whole prompt groups for objectives that train groups
+    (PRDP, DRAGON); ``sampling.window_shift_interval`` shrinks with the iterations, so a MixGRPO
+    window still travels its whole path.
     """
     if num_iterations < 1 or prompts_per_iteration < 1 or group_divisor < 1:
         raise ValueError("num_iterations, prompts_per_iteration and group_divisor must be >= 1, got "
@@ -40,6 +43,8 @@ def scale_budget(cfg: Config, *, num_iterations: int, prompts_per_iteration: int
     t.prompts_per_iteration = prompts_per_iteration
     images = t.group_size * t.prompts_per_iteration
     t.micro_batch_size = max(1, min(images, round(t.micro_batch_size * images / images_before)))
+    if OBJECTIVES[t.objective].batch_unit == "group":  # whole groups per micro-batch (validate_config)
+        t.micro_batch_size = t.group_size * math.ceil(t.micro_batch_size / t.group_size)
     s.window_shift_interval = max(1, round(s.window_shift_interval * num_iterations / t.num_iterations))
     t.num_iterations = num_iterations
     validate_config(out)

@@ -3,6 +3,7 @@
     flowalign pocket render "two red circles" --out file.png [--size 32] [--seed 0] [--scale 8]
     flowalign pocket eval [--model DIR] [--lora DIR] [--prompts FILE] [--steps 20] [--guidance 3] [--out DIR]
     flowalign pocket build [--out DIR] [--preset base|oracle|legacy] [--captions clean|noisy] [--set K=V] [--quick]
+    flowalign pocket gates --models DIR [--oracle DIR] [--pass-at-k FILE] [--bound FILE]
 
 ``register(subparsers)`` adds the ``pocket`` command to the ``flowalign`` parser. ``python -m flowalign.pocket.cli ...``
 runs the same command without the rest of the CLI.
@@ -111,6 +112,60 @@ def _snapshot(ns, cfg) -> int:
     return 0
 
 
+def _read_json(path: str, flag: str, keys: tuple[str, ...]) -> dict:
+    """A measurement file named on the command line, checked for the keys the gates read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path!r} does not exist; give the JSON file its benchmark wrote") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path!r} is not readable JSON ({e}); give the JSON file its benchmark wrote") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"{flag} {path!r} has no {missing[0]!r}; is it the file its benchmark wrote?")
+    return data
+
+
+def _cmd_gates(ns) -> int:
+    from ..io import atomic_write_json
+    from .gates import gate_report, oracle_at, split_leaks
+    from .prompts import load_prompt_file
+    from .sample import evaluate_model, load_pocket_policy
+
+    path = os.path.join(ns.models, "calibration.json")
+    cal = _read_json(path, "--models", ("default_sampler",))
+    if ns.pass_at_k:
+        cal["pass_at_k"] = _read_json(ns.pass_at_k, "--pass-at-k", ("K", "strict"))
+    if ns.bound:
+        cal["supervised_bound"] = _read_json(ns.bound, "--bound", ("curve",))
+    test_rows = load_prompt_file(ns.prompts)
+    train_rows = load_prompt_file(ns.train_prompts)
+    if ns.oracle:
+        if not os.path.isfile(os.path.join(ns.oracle, "model_index.json")):
+            raise UserError(f"--oracle {ns.oracle!r} is not a pocket pipeline folder (no model_index.json); give "
+                            "the t2i/ folder of a `flowalign pocket build --captions clean` output")
+        ds = cal["default_sampler"]
+        report = evaluate_model(load_pocket_policy(ns.oracle), ns.prompts, seed=ds.get("seed", 0),
+                                num_steps=ds["num_steps"], guidance_scale=ds["guidance_scale"])
+        cal.setdefault("oracle", {}).update({"model": os.path.abspath(ns.oracle), "prompts": ns.prompts,
+                                             "strict_default": report["gold"]["strict"]})
+    pass_at_k = cal.get("pass_at_k")
+    if pass_at_k is None and "pass_at_12" in cal:  # files assembled before this command: the per-category table
+        pass_at_k = {"K": 12, "strict": cal["pass_at_12"]}
+    cal["gates"] = gate_report(cal, oracle=oracle_at(cal), pass_at_k=pass_at_k, bound=cal.get("supervised_bound"),
+                               leaks=split_leaks([r["prompt"] for r in train_rows], [r["prompt"] for r in test_rows]),
+                               prompts=len(test_rows))
+    atomic_write_json(path, cal)
+    for name, g in cal["gates"].items():
+        verdict = {True: "holds", False: "FAILS", None: "not measured"}[g["pass"]]
+        shown = {k: v for k, v in g.items() if k not in ("target", "pass", "curve", "command", "test")}
+        print(f"gate {name:<17} {verdict:<12} {g['target']}")
+        print(f"    {json.dumps(shown)}" + (f"\n    measure: {g['command']}" if g["pass"] is None and "command" in g else ""))
+    print(f"wrote the gates into {path}")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``pocket`` (with its subcommands) to an argparse subparsers object."""
     p_pocket = subparsers.add_parser("pocket", help="the pocket world: a text-to-image world small enough for a CPU")
@@ -173,6 +228,19 @@ def register(subparsers) -> None:
                               "misalign stage's last weights once it has begun) to OUT/t2i and score it on 16 "
                               "prompts per category")
     p_build.set_defaults(func=_cmd_build)
+
+    p_gates = sub.add_parser("gates", help="compute the six gates of a pocket build (README: Building the pocket "
+                                           "models) from its measurements and write them into its calibration.json")
+    p_gates.add_argument("--models", required=True,
+                         help="a `flowalign pocket build` output folder (its calibration.json is read and rewritten)")
+    p_gates.add_argument("--oracle", default=None,
+                         help="the oracle's t2i/ folder (`flowalign pocket build --captions clean`): scored at the "
+                              "base's default sampler on --prompts and recorded (else a recorded score is used)")
+    p_gates.add_argument("--pass-at-k", default=None, help="JSON written by benchmarks/pocket_pass_at_k.py --seeds 12")
+    p_gates.add_argument("--bound", default=None, help="JSON written by benchmarks/pocket_supervised_bound.py")
+    p_gates.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="held-out prompts")
+    p_gates.add_argument("--train-prompts", default="prompts/pocket/train.jsonl", help="the RL training prompts")
+    p_gates.set_defaults(func=_cmd_gates)
 
 
 def main(argv: list[str] | None = None) -> int:
