@@ -16,7 +16,10 @@ color, shape, count and relation still appears in training; only these pairings 
 copies): ``train.txt``/``.jsonl`` (``TRAIN_PER_CATEGORY`` lines per category, shuffled),
 ``test.txt``/``.jsonl`` (``TEST_PER_CATEGORY`` per category, grouped by category),
 ``test_<category>.txt`` (``QUICK_PER_CATEGORY`` each, for quick runs), ``test_96.jsonl`` (the first 16
-test prompts of each category: training runs' quick held-out eval) and ``heldout.json``. A line is
+test prompts of each category: training runs' quick held-out eval), ``train_32.jsonl`` (32 distinct
+training prompts, taken from ``train`` in order, one category after another in turn (single objects
+have only three): a small prompt
+set, for PRDP's "stable as the prompt set grows" comparison) and ``heldout.json``. A line is
 one sample, not one distinct prompt: categories with fewer distinct prompts than the quota repeat
 them (in a fixed shuffled cycle) so that every category weighs the same in training and in a
 one-image-per-line evaluation. ``.jsonl`` rows are ``{"prompt", "category", "spec"}``.
@@ -164,6 +167,10 @@ def write_prompt_sets(out_dir: str | os.PathLike = "prompts/pocket", seed: int =
         if name in ("train", "test"):
             atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(_row(s)) + "\n" for s in specs))
             written.append(out / f"{name}.jsonl")
+        if name == "train":
+            small = _round_robin_distinct(specs, 32)
+            atomic_write_text(out / "train_32.jsonl", "".join(json.dumps(_row(sp)) + "\n" for sp in small))
+            written.append(out / "train_32.jsonl")
         if name == "test":
             # the first 16 test prompts of each category: the quick held-out eval of training runs
             small = limit_per_category(specs, 16, category=lambda sp: sp.category)
@@ -173,6 +180,18 @@ def write_prompt_sets(out_dir: str | os.PathLike = "prompts/pocket", seed: int =
     atomic_write_text(out / "heldout.json", json.dumps(heldout, indent=1) + "\n")
     written.append(out / "heldout.json")
     return written
+
+
+def _round_robin_distinct(specs: list[PromptSpec], n: int) -> list[PromptSpec]:
+    """``n`` distinct prompts: each category's first unseen prompt in turn (categories in order of appearance)."""
+    by_cat: dict[str, list[PromptSpec]] = {}
+    for sp in dict.fromkeys(specs):
+        by_cat.setdefault(sp.category, []).append(sp)
+    # rank 0 of every category, then rank 1, ...; a category out of distinct prompts drops out of the turns
+    turns = [sp for rank in itertools.zip_longest(*by_cat.values()) for sp in rank if sp is not None]
+    if len(turns) < n:
+        raise ValueError(f"only {len(turns)} distinct prompts, asked for {n}")
+    return turns[:n]
 
 
 def limit_per_category(rows: list, per_category: int | None, category=lambda r: r.get("category", "all")) -> list:
