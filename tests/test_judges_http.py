@@ -134,9 +134,11 @@ def test_injected_faults_become_counted_ties():
     expected = _expected_faults(seed, 24)
     assert min(expected.values()) >= 1 and sum(expected.values()) >= 5  # the seed exercises every fault
     server = Server("--error-rate", "0.1", "--malformed-rate", "0.1", "--timeout-rate", "0.1",
-                    "--timeout-sleep", "2.5", "--seed", str(seed))
+                    "--timeout-sleep", "15", "--seed", str(seed))
     try:
-        judge = build_judge("vlm", endpoint=server.url, model="m", timeout=1.0, retries=0, concurrency=8)
+        # a clean answer must come well inside the client's timeout even on a loaded machine (1 s was not
+        # always: a slow clean answer counted as a timeout), an injected one well outside it
+        judge = build_judge("vlm", endpoint=server.url, model="m", timeout=5.0, retries=0, concurrency=8)
         amps = [0.1, 0.9, 0.4, 0.2, 0.7, 0.6, 1.0, 0.3]
         ids = [0, 1] * 4
         rates, info = win_rates(judge, _noise_levels(amps), ["p"] * 8, group_ids=ids, both_orders=True)
