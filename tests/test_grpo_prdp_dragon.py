@@ -106,6 +106,32 @@ def test_prdp_regression_approaches_its_optimum_on_a_batch(tmp_path):
     assert ratios[-1] < 0.4 and ratios[-1] < min(ratios[:5]), ratios
 
 
+class _HalfFlat:
+    """Brightness for the images of the batch's first prompt, 0 for every other: one group to learn from,
+    the others flat (every pair's observed difference 0)."""
+
+    name, differentiable = "half_flat", False
+
+    def __call__(self, images, prompts, metadata=None):
+        first = torch.tensor([p == prompts[0] for p in prompts], dtype=torch.float32)
+        return 10 * images.float().mean(dim=(1, 2, 3)) * first, {}
+
+
+def test_prdp_residual_ratio_is_left_out_where_there_is_nothing_to_predict(tmp_path):
+    """A flat group at π_old = π_ref has a residual of exactly 0 at sampling; once the other group's steps
+    have moved the weights, its ratio to that 0 used to read ~1e9 (8e8 in a pocket run's first iteration).
+    Such micro-batches now leave the ratio out; the learnable group still reports it."""
+    train = {"group_size": 4, "prompts_per_iteration": 2, "micro_batch_size": 4, "objective": "prdp", "kl_beta": 0.0,
+             "lr": 1e-3, "prdp_beta": 2.0, "prdp_clip_range": 1e-2}
+    data = pocket_config(tmp_path, sampling={"num_steps": 4}, train=train, eval={"prompts": None})
+    trainer = GRPOTrainer(load(tmp_path, data), reward=_HalfFlat(), log=lambda *a: None)
+    batch = trainer.rollout(0)
+    trainer.score(batch)
+    assert len(set(batch.prompts)) == 2 and (batch.rewards != 0).sum() >= 2
+    ratios = [trainer.update(batch, 0)["train/prdp_residual_ratio"] for _ in range(3)]
+    assert all(0 < r < 10 for r in ratios), ratios
+
+
 @pytest.mark.parametrize("loss, lr, gain", [
     # measured on the rebuilt pocket base (dark images, brightness ≈ 0.06), 5 iterations of 32 images, β = 1000:
     # dpo (the best/worst pair of each group) ×2.8 at lr 3e-3 (+4% at lr 1e-3, +5% with β = 5000, +18% after 8

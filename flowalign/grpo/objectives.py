@@ -308,7 +308,8 @@ class PRDP(Objective):
     rms(Δr̂ − Δr/β) / rms(Δr/β) (1 when the policy predicts nothing, 0 at the optimum) and the
     correlation of Δr̂ with Δr (``train/prdp_*_before``). ``train/prdp_residual_ratio``: at the start of
     each micro-batch, rms of its pairs' residuals now / at the sampling policy, i.e. after the update's
-    steps on the iteration's other groups (groups not trained on yet, in the first inner epoch)."""
+    steps on the iteration's other groups (groups not trained on yet, in the first inner epoch); left out
+    for a micro-batch whose residual at sampling is ~0 (under 1e-3 of its target's rms)."""
 
     name = "prdp"
     batch_unit = "group"
@@ -355,9 +356,15 @@ class PRDP(Objective):
             at_sampling, _ = prdp.prdp_loss(old, old, mb.rewards, pairs, beta=t.prdp_beta, clip_range=None,
                                             ref_log_prob_NT=ref)  # the same pairs' squared residuals at π_old
             self.mb_metrics = {"policy_loss": float(loss.mean()), "prdp_residual_rms": _rms(info["residual"]),
-                               "prdp_residual_ratio": _rms(info["residual"]) / max(float(at_sampling.mean().sqrt()), 1e-12),
                                "prdp_clipped_frac": float(info["clipped"].float().mean()),
                                "clipfrac": float(info["clip_frac"])}
+            before = float(at_sampling.mean().sqrt())
+            target_rms = _rms((mb.rewards[pairs[:, 0]] - mb.rewards[pairs[:, 1]]).float() / t.prdp_beta)
+            # no ratio where there is nothing to predict (every pair's rewards equal) or the sampling policy
+            # predicted it already (a residual ~0, e.g. flat groups with π_old = π_ref in iteration 1): any
+            # move would read as ~1e9 (it did: 8e8 in a pocket run's first iteration)
+            if target_rms > 0 and before > 1e-3 * target_rms:
+                self.mb_metrics["prdp_residual_ratio"] = _rms(info["residual"]) / before
         else:
             self.mb_metrics = {}
 
