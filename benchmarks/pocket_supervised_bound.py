@@ -39,12 +39,16 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default="prompts/pocket/test.jsonl", help="held-out prompts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="CFG of the held-out evaluation (default: the pocket default sampler's)")
     ap.add_argument("--model", default=None, help="pocket model folder (default: the shipped one)")
     ns = ap.parse_args(argv)
     torch.set_num_threads(ns.threads)
 
     from flowalign.pocket.prompts import load_prompt_file
     from flowalign.pocket.sample import evaluate_model, load_pocket_policy
+
+    guidance = {} if ns.guidance is None else {"guidance_scale": ns.guidance}
 
     policy = load_pocket_policy(ns.model, train_mode=ns.train_mode, lora_rank=32, lora_alpha=64)
     prompts = [r["prompt"] for r in load_prompt_file("prompts/pocket/train.jsonl")] * ns.copies
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
 
     def held_out() -> float:
         with torch.no_grad():
-            return round(evaluate_model(policy, ns.prompts, seed=0)["gold"]["strict"]["overall"], 4)
+            return round(evaluate_model(policy, ns.prompts, seed=0, **guidance)["gold"]["strict"]["overall"], 4)
 
     curve = [{"minutes": 0.0, "steps": 0, "strict": held_out()}]
     print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
         curve.append({"minutes": round(trained / 60, 2), "steps": step, "loss": round(loss.item(), 4),
                       "strict": held_out()})
         print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"model": ns.model, "train_mode": ns.train_mode, "lr": ns.lr, "batch": B, "threads": ns.threads,
+    print(json.dumps({"model": ns.model, "guidance": ns.guidance, "train_mode": ns.train_mode, "lr": ns.lr, "batch": B, "threads": ns.threads,
                       "training_images": len(prompts), "curve": curve}, indent=1))
     return 0
 
