@@ -90,6 +90,15 @@ def test_prdp_raises_a_known_reward_on_held_out_noise(tmp_path):
     assert all(r["train/optimizer_steps"] > 0 and "train/ratio_mean" not in r for r in rows)
 
 
+def _scored_batch(tmp_path, train: dict, reward, num_steps: int):
+    """A pocket trainer with ``train`` settings and ``reward``, and its first rollout, scored."""
+    data = pocket_config(tmp_path, sampling={"num_steps": num_steps}, train=train, eval={"prompts": None})
+    trainer = GRPOTrainer(load(tmp_path, data), reward=reward, log=lambda *a: None)
+    batch = trainer.rollout(0)
+    trainer.score(batch)
+    return trainer, batch
+
+
 def test_prdp_regression_approaches_its_optimum_on_a_batch(tmp_path):
     """PRDP's stated optimum: predicted and observed reward differences agree. Updating again and again on
     one scored batch (the trainer's own update; each call one inner epoch of 4 optimizer steps), the rms of
@@ -98,10 +107,7 @@ def test_prdp_regression_approaches_its_optimum_on_a_batch(tmp_path):
     0.43, 0.44, 0.42, 0.31, 0.17; on the from-scratch base before it 0.24 after 10)."""
     train = {"group_size": 8, "prompts_per_iteration": 4, "micro_batch_size": 8, "objective": "prdp", "kl_beta": 0.0,
              "lr": 1e-3, "prdp_beta": 2.0, "prdp_clip_range": 1e-2}
-    data = pocket_config(tmp_path, sampling={"num_steps": 8}, train=train, eval={"prompts": None})
-    trainer = GRPOTrainer(load(tmp_path, data), reward=_Brightness(), log=lambda *a: None)
-    batch = trainer.rollout(0)
-    trainer.score(batch)
+    trainer, batch = _scored_batch(tmp_path, train, _Brightness(), num_steps=8)
     ratios = [trainer.update(batch, 0)["train/prdp_residual_ratio"] for _ in range(12)]
     assert ratios[-1] < 0.4 and ratios[-1] < min(ratios[:5]), ratios
 
@@ -123,10 +129,7 @@ def test_prdp_residual_ratio_is_left_out_where_there_is_nothing_to_predict(tmp_p
     Such micro-batches now leave the ratio out; the learnable group still reports it."""
     train = {"group_size": 4, "prompts_per_iteration": 2, "micro_batch_size": 4, "objective": "prdp", "kl_beta": 0.0,
              "lr": 1e-3, "prdp_beta": 2.0, "prdp_clip_range": 1e-2}
-    data = pocket_config(tmp_path, sampling={"num_steps": 4}, train=train, eval={"prompts": None})
-    trainer = GRPOTrainer(load(tmp_path, data), reward=_HalfFlat(), log=lambda *a: None)
-    batch = trainer.rollout(0)
-    trainer.score(batch)
+    trainer, batch = _scored_batch(tmp_path, train, _HalfFlat(), num_steps=4)
     assert len(set(batch.prompts)) == 2 and (batch.rewards != 0).sum() >= 2
     ratios = [trainer.update(batch, 0)["train/prdp_residual_ratio"] for _ in range(3)]
     assert all(0 < r < 10 for r in ratios), ratios
