@@ -125,3 +125,10 @@ def test_gates_refuses_bad_measurement_files(tmp_path, flag, content, message):
     proc = subprocess.run([sys.executable, "-m", "flowalign", "pocket", "gates", "--models", str(tmp_path), flag, str(f)],
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gates_refuses_a_folder_that_is_not_a_build(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flowalign", "pocket", "gates", "--models", str(tmp_path)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert "calibration.json' does not exist" in proc.stderr and "flowalign pocket build` output folder" in proc.stderr

@@ -112,18 +112,19 @@ def _snapshot(ns, cfg) -> int:
     return 0
 
 
-def _read_json(path: str, flag: str, keys: tuple[str, ...]) -> dict:
-    """A measurement file named on the command line, checked for the keys the gates read."""
+def _read_json(path: str, flag: str, keys: tuple[str, ...],
+               fix: str = "give the JSON file its benchmark wrote") -> dict:
+    """A JSON file named on the command line, checked for the keys the gates read; ``fix`` ends each error."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{flag} {path!r} does not exist; give the JSON file its benchmark wrote") from None
+        raise UserError(f"{flag}: {path!r} does not exist; {fix}") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {path!r} is not readable JSON ({e}); give the JSON file its benchmark wrote") from None
+        raise UserError(f"{flag}: {path!r} is not readable JSON ({e}); {fix}") from None
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
-        raise UserError(f"{flag} {path!r} has no {missing[0]!r}; is it the file its benchmark wrote?")
+        raise UserError(f"{flag}: {path!r} has no {missing[0]!r}; {fix}")
     return data
 
 
@@ -134,7 +135,8 @@ def _cmd_gates(ns) -> int:
     from .sample import evaluate_model, load_pocket_policy
 
     path = os.path.join(ns.models, "calibration.json")
-    cal = _read_json(path, "--models", ("default_sampler",))
+    cal = _read_json(path, "--models", ("default_sampler",),
+                     fix="give a `flowalign pocket build` output folder (its calibration.json)")
     if ns.pass_at_k:
         cal["pass_at_k"] = _read_json(ns.pass_at_k, "--pass-at-k", ("K", "strict"))
     if ns.bound:

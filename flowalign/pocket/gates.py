@@ -66,7 +66,7 @@ def oracle_at(calibration: dict) -> dict | None:
 def split_leaks(train_prompts: list[str], test_prompts: list[str]) -> list[str]:
     """Held-out prompts that break gate 6: a colored, counted or two-object prompt with no held-out
     combination, or whose every combination the training prompts already show."""
-    seen = set().union(set(), *(combinations(parse_prompt(p)) for p in train_prompts))
+    seen = set().union(*(combinations(parse_prompt(p)) for p in train_prompts))
     leaks = []
     for text in test_prompts:
         combos = combinations(parse_prompt(text))

@@ -17,9 +17,9 @@ copies): ``train.txt``/``.jsonl`` (``TRAIN_PER_CATEGORY`` lines per category, sh
 ``test.txt``/``.jsonl`` (``TEST_PER_CATEGORY`` per category, grouped by category),
 ``test_<category>.txt`` (``QUICK_PER_CATEGORY`` each, for quick runs), ``test_96.jsonl`` (the first 16
 test prompts of each category: training runs' quick held-out eval), ``train_32.jsonl`` (32 distinct
-training prompts, taken from ``train`` in order, one category after another in turn (single objects
-have only three): a small prompt
-set, for PRDP's "stable as the prompt set grows" comparison) and ``heldout.json``. A line is
+training prompts taken from ``train`` in order, one category after another in turn — single objects
+have only three — a small prompt set for PRDP's "stable as the prompt set grows" comparison) and
+``heldout.json``. A line is
 one sample, not one distinct prompt: categories with fewer distinct prompts than the quota repeat
 them (in a fixed shuffled cycle) so that every category weighs the same in training and in a
 one-image-per-line evaluation. ``.jsonl`` rows are ``{"prompt", "category", "spec"}``.
