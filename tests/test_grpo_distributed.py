@@ -80,6 +80,7 @@ try:
 except ConfigError as err:
     refused = str(err)
 open(sys.argv[2] + f".{tr.rank}.refused", "w").write(json.dumps(refused))
+tr.close()
 """ % (_BATCH_FIELDS,)
 
 

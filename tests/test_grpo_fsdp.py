@@ -96,6 +96,7 @@ if acc.is_main_process:
     torch.save({"names": straight.state.names, "weights": weights, "ema": ema, "weights_resumed": weights_r,
                 "ema_resumed": ema_r, "local": local, "full": full, "world": acc.num_processes},
                f"{sys.argv[2]}/result.pt")
+acc.end_training()  # a process leaving with the group alive may abort ("terminate called without an active exception")
 """ % (EQUALITY, _BATCH_FIELDS)
 
 

@@ -296,6 +296,7 @@ out = {"rank": tr.rank, "world": tr.world, "group_ids": batch.group_ids.tolist()
        "per_reward": {k: v.tolist() for k, v in info["per_reward"].items()}, "weights": info["weights"],
        "advantages": batch.advantages.tolist(), "masked": batch.masked.tolist()}
 open(sys.argv[2] + f".{tr.rank}.json", "w").write(json.dumps(out))
+tr.close()
 """
 
 

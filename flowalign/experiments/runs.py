@@ -106,6 +106,7 @@ def run_grpo(cfg: Config, *, fresh: bool = True, quiet: bool = True, **trainer_k
     if quiet:
         trainer_kwargs.setdefault("log", lambda *_: None)
     t0 = time.time()
-    GRPOTrainer(cfg, **trainer_kwargs).train()
+    with GRPOTrainer(cfg, **trainer_kwargs) as trainer:
+        trainer.train()
     wall = time.time() - t0
     return RunResult(cfg, out, read_metrics(out), wall)

@@ -30,12 +30,12 @@ def _cmd_train(ns) -> int:
                         "(drop --no-resume) or choose a new run.output_dir")
     from .trainer import GRPOTrainer
 
-    trainer = GRPOTrainer(cfg)  # checks folder, device, prompts and rewards before loading the model
-    if ns.dry_run:
-        for k, v in trainer.summary().items():
-            print(f"{k}: {v}")
-        return 0
-    result = trainer.train()
+    with GRPOTrainer(cfg) as trainer:  # checks folder, device, prompts and rewards before loading the model
+        if ns.dry_run:
+            for k, v in trainer.summary().items():
+                print(f"{k}: {v}")
+            return 0
+        result = trainer.train()
     if trainer.is_main:
         shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float) and not k.startswith("time/")}
         print(f"done: {cfg.train.num_iterations} iterations; final weights in {out / 'final'}")

@@ -104,6 +104,7 @@ class GRPOTrainer:
             check_launch(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), cfg.model.device)
         if accelerator is None:
             _forget_single_process_precision(_MIXED_PRECISION[t.mixed_precision])
+        self._owns_acc = accelerator is None  # close() ends only the process group this trainer started
         self.acc = accelerator or Accelerator(mixed_precision=_MIXED_PRECISION[t.mixed_precision],
                                               cpu=cfg.model.device == "cpu")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -552,6 +553,20 @@ class GRPOTrainer:
             self.policy.wrap_denoiser(self._wrapped)
 
     # ------------------------------------------------------------------ the loop
+    def close(self) -> None:
+        """End the run's process group (a no-op on one process, and for an accelerator passed in). Call it (or use
+        the trainer as a context manager) before a launched process exits: a process leaving with the group's
+        threads alive is aborted by the C++ runtime ("terminate called without an active exception")."""
+        if self._owns_acc:
+            self.acc.end_training()
+            self._owns_acc = False
+
+    def __enter__(self) -> "GRPOTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def train(self) -> dict:
         """Run (or resume) to ``train.num_iterations``; returns the last eval metrics."""
         cfg, n = self.cfg, self.cfg.train.num_iterations
@@ -683,5 +698,6 @@ def _as_dict(cfg: Config) -> dict:
 
 
 def train(cfg: Config, **kwargs) -> dict:
-    """Build a ``GRPOTrainer`` from ``cfg`` and run it (what ``flowalign train`` does)."""
-    return GRPOTrainer(cfg, **kwargs).train()
+    """Build a ``GRPOTrainer`` from ``cfg``, run it and end its process group (what ``flowalign train`` does)."""
+    with GRPOTrainer(cfg, **kwargs) as trainer:
+        return trainer.train()
