@@ -8,7 +8,7 @@ gold accuracy before and after, wall time.
 
 Trains with ``flowalign train`` (fresh output folder), then samples the shipped base model and the
 trained LoRA on the 384 held-out prompts (``prompts/pocket/test.jsonl``; the pocket default sampler:
-20 ODE steps, CFG 3.0, seed 0) and scores both with the exact evaluator. Prints and writes
+20 ODE steps, CFG 2.0, seed 0) and scores both with the exact evaluator. Prints and writes
 ``<out>/benchmark.json``, every prompt's verdict ``<out>/per_prompt_strict.json`` and a before/after grid
 ``<out>/before_after.png``: 8 prompts of each category,
 a base row then a tuned row, each image labelled with its prompt and strict gold verdict (✓/✗).

@@ -1,6 +1,6 @@
 """What the shipped pocket model can already draw: per-prompt success rates over K seeds.
 
-For every held-out prompt, K images (the default sampler: 20 ODE steps, CFG 3.0; seeds 100 … 100+K−1)
+For every held-out prompt, K images (the default sampler: 20 ODE steps, CFG 2.0; seeds 100 … 100+K−1)
 are scored strict by the exact evaluator. Per category: ``acc`` the mean success rate (the usual
 accuracy, averaged over seeds), ``pass@K`` the fraction of prompts drawn correctly at least once,
 ``p0`` never, ``p>=0.5`` in at least half the seeds, ``majority`` in more than half, and ``plurality`` — whether
@@ -17,7 +17,11 @@ several wrong scenes (a count off by one either way, three wrong colors) as draw
 
     python benchmarks/pocket_pass_at_k.py --seeds 12
 
-Measured (2026-11-27, 384 held-out prompts, K = 12, one core, 25 min): overall acc 0.660, pass@12
+Measured on the world shipped 2026-11-30 night (384 held-out prompts, K = 12, CFG 2.0, 2 cores, 7 min): overall
+acc 0.533, pass@12 0.987, majority 0.438, plurality 0.639; counting 0.378 / 0.953 / 0.203, position 0.357 /
+0.969 / 0.141, color_attr 0.473 / 1.0 / 0.375 (acc / pass@12 / majority); the gates in calibration.json.
+
+On the first world (2026-11-27, 384 held-out prompts, K = 12, one core, 25 min): overall acc 0.660, pass@12
 0.984, p>=0.5 0.734, majority 0.661; position acc 0.264, pass@12 0.938, majority 0.047; counting 0.564 /
 0.969 / 0.656; two_object 0.592 / 1.0 / 0.625; color_attr 0.629 / 1.0 / 0.641.
 """

@@ -15,7 +15,7 @@ transformer>`` (written whole or not at all; ``--rebuild`` writes it again).
 Reported (JSON on stdout and in ``--out``/realign.json, per seed as it finishes):
 
 * the misaligned base's strict gold accuracy per category on the 384 held-out prompts
-  (``prompts/pocket/test.jsonl``, the default sampler: 20 ODE steps, CFG 3.0, seed 0);
+  (``prompts/pocket/test.jsonl``, the default sampler: 20 ODE steps, CFG 2.0, seed 0);
 * with ``--bound-minutes``: the supervised bound on it (clean renders, LoRA r32, lr 3e-4;
   ``benchmarks/pocket_supervised_bound.py --model <base>``);
 * with ``--config``: the preset trained on the base (``model.path`` = the base folder) for each of
@@ -26,7 +26,8 @@ Reported (JSON on stdout and in ``--out``/realign.json, per seed as it finishes)
 Run it with one thread (``--threads 1``, the default) beside other jobs; the 20-minute target of the
 issue is for 2 uncontended cores.
 
-Measured (2026-11-30, one CPU thread shared with other jobs; README "Realigning a misaligned model"):
+Measured (2026-11-30, on the first world's shipped model and its default CFG 3.0, one CPU thread shared with
+other jobs; README "Realigning a misaligned model"):
 build 400 steps in 265 s; misaligned base 0.510 overall (single 0.922, two_object 0.563, counting 0.313,
 colors 0.844, position 0.125, color_attr 0.297; shipped base 0.659, colors 0.938). Main preset, seed 0,
 30 iterations (15–24 s each): with shared group noise only 0.526 (colors 0.828); with shared + antithetic

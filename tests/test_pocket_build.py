@@ -128,25 +128,25 @@ def test_oracle_and_base_share_data_and_vae_but_not_the_caption_stages(tmp_path)
 
 
 def test_the_default_presets_keep_their_stage_keys(tmp_path):
-    """The keys the real cache was built with before the misalign stage existed: a change here orphans
-    every built stage."""
+    """The keys the real cache was built with (the 12 000-step T2I stage and its misalign stage; the 6 000-step
+    world before it was t2i-566c396fdc10): a change here orphans every built stage."""
     names = {p: {k: s.dir.name for k, s in stages(BuildConfig.preset(p), tmp_path).items()} for p in PRESETS}
     assert names["base"] == {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-6be0bb79d0a3",
-                             "t2i": "t2i-566c396fdc10", "misalign": "misalign-7349368fab06"}
+                             "t2i": "t2i-688e7cd651ef", "misalign": "misalign-0d9679f4a2a4"}
     scratch = {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-6be0bb79d0a3",
-               "t2i": "t2i-36220a6e139b"}  # the base trained from scratch on the noisy captions (misalign_steps=0)
+               "t2i": "t2i-f2392ec92bec"}  # the base trained from scratch on the noisy captions (misalign_steps=0)
     assert names["oracle"] == {"data": "data-76d9f5e15770", "vae": "vae-c8f6546c8c1d", "clip": "clip-0c312b1cf93e",
-                               "t2i": "t2i-566c396fdc10"}
+                               "t2i": "t2i-688e7cd651ef"}
     assert names["legacy"]["t2i"] == "t2i-69fb0eb1117d"
     # misaligned (the base; `--set misalign_steps=800` changes it): the oracle's T2I stage, then the misalign stage
-    assert BuildConfig.preset("base").misalign_steps == 300 and BuildConfig.preset("base").misalign_lr == 3e-4
+    assert BuildConfig.preset("base").misalign_steps == 300 and BuildConfig.preset("base").misalign_lr == 5e-4
     assert BuildConfig.quick().misalign_steps == 0 and BuildConfig.preset("oracle", quick=True).misalign_steps == 0
     cfg = BuildConfig.preset("base").with_overrides(["misalign_steps=800", "misalign_lr=1e-4"])
     st = stages(cfg, tmp_path)
     assert cfg.misalign_steps == 800 and cfg.misalign_lr == 1e-4 and cfg.to_dict()["misalign_steps"] == 800
-    assert st["t2i"].dir.name == "t2i-566c396fdc10" and st["clip"].dir.name == "clip-6be0bb79d0a3"
+    assert st["t2i"].dir.name == "t2i-688e7cd651ef" and st["clip"].dir.name == "clip-6be0bb79d0a3"
     assert st["misalign"].settings["t2i"] == st["t2i"].key and st["misalign"].settings["steps"] == 800
-    assert stages(cfg.with_overrides(["misalign_lr=3e-4"]), tmp_path)["misalign"].dir != st["misalign"].dir
+    assert stages(cfg.with_overrides(["misalign_lr=5e-4"]), tmp_path)["misalign"].dir != st["misalign"].dir
     # clean captions or no steps: no misalign stage, the keys of before
     for other in (cfg.with_overrides(["captions=clean"]), cfg.with_overrides(["misalign_steps=0"])):
         assert {k: s.dir.name for k, s in stages(other, tmp_path).items()} == (

@@ -1,7 +1,7 @@
 """``flowalign pocket ...``: the pocket world from the command line.
 
     flowalign pocket render "two red circles" --out file.png [--size 32] [--seed 0] [--scale 8]
-    flowalign pocket eval [--model DIR] [--lora DIR] [--prompts FILE] [--steps 20] [--guidance 3] [--out DIR]
+    flowalign pocket eval [--model DIR] [--lora DIR] [--prompts FILE] [--steps 20] [--guidance 2] [--out DIR]
     flowalign pocket build [--out DIR] [--preset base|oracle|legacy] [--captions clean|noisy] [--set K=V] [--quick]
     flowalign pocket gates --models DIR [--oracle DIR] [--pass-at-k FILE] [--bound FILE]
 
@@ -150,7 +150,8 @@ def _cmd_gates(ns) -> int:
         ds = cal["default_sampler"]
         report = evaluate_model(load_pocket_policy(ns.oracle), ns.prompts, seed=ds.get("seed", 0),
                                 num_steps=ds["num_steps"], guidance_scale=ds["guidance_scale"])
-        cal.setdefault("oracle", {}).update({"model": os.path.abspath(ns.oracle), "prompts": ns.prompts,
+        # the paths as given: a shipped calibration.json names no build machine's folders
+        cal.setdefault("oracle", {}).update({"model": ns.oracle, "prompts": ns.prompts,
                                              "strict_default": report["gold"]["strict"]})
     pass_at_k = cal.get("pass_at_k")
     if pass_at_k is None and "pass_at_12" in cal:  # files assembled before this command: the per-category table
@@ -203,7 +204,7 @@ def register(subparsers) -> None:
 
     p_build = sub.add_parser("build", help="train the pocket models from scratch (deterministic for a seed) "
                                            "and print their calibration")
-    from .build import CAPTION_REGIMES, PRESETS
+    from .build import BASE_MISALIGN, CAPTION_REGIMES, PRESETS
 
     p_build.add_argument("--out", default="pocket_models", help="output folder (clip/, t2i/, calibration.json)")
     p_build.add_argument("--preset", default="base", choices=PRESETS,
@@ -215,7 +216,8 @@ def register(subparsers) -> None:
                          help="override a build setting, e.g. t2i_steps=3000 or noise.wrong_relation=0.3 (repeatable); "
                               "misalign_steps=N (noisy captions): the base's T2I model is the oracle's fine-tuned N "
                               "steps on the noisy captions at misalign_lr, the oracle's T2I stage shared with "
-                              "--captions clean (the base preset: 300 steps at 3e-4); 0: trained from scratch on them")
+                              f"--captions clean (the base preset: {BASE_MISALIGN[0]} steps at {BASE_MISALIGN[1]:g}); 0: trained from "
+                              "scratch on them")
     p_build.add_argument("--work", default=None,
                          help="stage cache (default ~/.cache/flowalign/pocket-build); a stopped build resumes from it")
     p_build.add_argument("--seed", type=int, default=0)

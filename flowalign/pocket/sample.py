@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_STEPS = 20  # the pocket model's default ODE step count
-DEFAULT_GUIDANCE = 3.0  # and CFG scale: the base's best in the calibration sweep (weights/calibration.json)
+DEFAULT_GUIDANCE = 2.0  # and CFG scale: the base's best in the calibration sweep (weights/calibration.json)
 IMAGE_SIZE = 32
 
 
