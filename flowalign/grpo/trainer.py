@@ -39,10 +39,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ConfigError, save_config, to_yaml
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 from ..errors import UserError, check_output_dir
 from ..io import check_safetensors
 from ..prompts import read_prompts
@@ -561,7 +565,7 @@ class GRPOTrainer:
             self.acc.end_training()
             self._owns_acc = False
 
-    def __enter__(self) -> "GRPOTrainer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
