@@ -65,8 +65,9 @@ def test_scale_budget_keeps_whole_groups_per_micro_batch_for_group_objectives(pr
 
 
 def test_scale_budget_moves_the_mix_window_over_the_shorter_run():
-    cfg = load_config(PRESETS / "mix_grpo.yaml")  # 45 iterations, window moves every 10
-    small = scale_budget(cfg, num_iterations=9, prompts_per_iteration=2)
+    cfg = load_config(PRESETS / "mix_grpo.yaml")  # 30 iterations, window moves every 10
+    assert (cfg.train.num_iterations, cfg.sampling.window_shift_interval) == (30, 10)
+    small = scale_budget(cfg, num_iterations=6, prompts_per_iteration=2)
     assert small.sampling.window_shift_interval == 2
 
 
