@@ -15,6 +15,7 @@ can be paired without the run folders.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -32,7 +33,7 @@ def _metrics(folder: Path) -> list[dict]:
 def _thirds(values: list[float]) -> list[float]:
     n = len(values)
     cuts = [0, n // 3, 2 * n // 3, n]
-    return [sum(values[a:b]) / max(b - a, 1) for a, b in zip(cuts, cuts[1:])]
+    return [sum(values[a:b]) / max(b - a, 1) for a, b in itertools.pairwise(cuts)]
 
 
 def collect(root: Path) -> dict[str, list[Path]]:
