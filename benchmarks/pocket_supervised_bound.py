@@ -11,10 +11,10 @@ not counted). Prints JSON.
 
     python benchmarks/pocket_supervised_bound.py --minutes 10 --threads 2      # gate 5 of the pocket world
 
-Measured on the world shipped 2026-11-30 night (the 12 000-step oracle misaligned by 300 steps at 1e-3;
-2 uncontended cores, LoRA r32, lr 1e-3, batch 64; ``calibration.json`` gate 5): 0.451 → 0.786 / 0.799 after
-5 / 10 minutes (983 / 1 973 steps). The same recipe on the candidates misaligned at 5e-4 and 7e-4: 0.552 →
-0.771 / 0.802 / 0.773 after 5 / 10 / 15 minutes and 0.516 → 0.771 / 0.805 — clean renders of the training
+Measured on the 12 000-step oracle misaligned by 300 steps (2 uncontended cores, LoRA r32, lr 1e-3, batch 64):
+the shipped base (misaligned at 5e-4; ``calibration.json`` gate 5) 0.552 → 0.771 / 0.802 / 0.773 after 5 / 10 / 15
+minutes; the candidates misaligned at 7e-4 and 1e-3 0.516 → 0.771 / 0.805 and 0.451 → 0.786 / 0.799 after 5 / 10
+minutes (the 1e-3 run: 983 / 1 973 steps) — clean renders of the training
 prompts carry these bases to ~0.80 held-out in 10 minutes whatever they start from. lr 1e-3 is the default
 since then: at 3e-4 the 5e-4 candidate reached 0.789 at 10 minutes (1 480 steps, a contended machine).
 

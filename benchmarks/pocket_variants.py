@@ -26,8 +26,9 @@ EVAL_KEY = "eval/pocket_gold/strict"
 
 
 def _metrics(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from flowalign.grpo.logging import read_metrics
+
+    return read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []
 
 
 def _thirds(values: list[float]) -> list[float]:

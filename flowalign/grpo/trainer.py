@@ -44,9 +44,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import ConfigError, save_config, to_yaml
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 from ..errors import UserError, check_output_dir
 from ..io import check_safetensors
 from ..prompts import read_prompts
@@ -62,6 +59,9 @@ from .evaluation import Evaluator
 from .losses import timestep_weights
 from .objectives import OBJECTIVES, MicroBatch, RolloutBatch
 from .state import TrainingStopped, TrainState
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["GRPOTrainer", "RolloutBatch", "Stream", "train"]
 
