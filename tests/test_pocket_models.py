@@ -92,3 +92,30 @@ def test_pocket_eval_cli_writes_report_and_grid(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "flowalign.cli", "pocket", "eval", "--model", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_a_saved_lora_does_not_depend_on_the_hash_seed(tmp_path):
+    # peft holds target_modules as a set, whose order follows PYTHONHASHSEED: two identical runs wrote the same
+    # weights under different metadata. (The files' bytes still differ: safetensors orders its header's metadata
+    # keys by a per-process random hash, so the weights and the parsed metadata are what can be compared.)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    script = ("import sys, torch; from flowalign.pocket.sample import load_pocket_policy\n"
+              "torch.manual_seed(0); p = load_pocket_policy(train_mode='lora', lora_rank=4, lora_alpha=8.0)\n"
+              "p.save_adapter(sys.argv[1])\n")
+    saved = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True, env=env)
+        with safe_open(tmp_path / seed / "pytorch_lora_weights.safetensors", "pt") as f:
+            saved.append(({k: f.get_tensor(k) for k in f.keys()},  # noqa: SIM118 (safe_open is not iterable)
+                          json.loads(f.metadata()["lora_adapter_metadata"])))
+    (weights, meta), *others = saved
+    assert meta["transformer.target_modules"] == sorted(meta["transformer.target_modules"])
+    for w, m in others:
+        assert m == meta and w.keys() == weights.keys() and all(torch.equal(w[k], weights[k]) for k in w)
