@@ -70,7 +70,7 @@ def test_05_objectives(tmp_path, monkeypatch):
     for r in res["arms"]:  # paired with the base on the same prompts: the means differ by exactly the lift
         assert r["prompts"] == 12 and abs(r["mean_a"] - res["base"] - r["diff"]) < 1e-9
     assert any(" vs " in f for f in res["findings"])
-    # the full-budget section pairs the committed verdicts of docs/pocket_objectives.json: the main job lifts the base
+    # the full-budget section pairs the committed verdicts of docs/pocket_variants_12k.json: the main job lifts the base
     main = res["full_budget"][0]
     assert main["arm"].startswith("DiffusionNFT") and main["seeds"] == 3 and main["diff"] - 1.96 * main["se"] > 0
     assert all("main_minus_this" in r for r in res["full_budget"][1:4])
