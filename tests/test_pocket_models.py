@@ -109,7 +109,7 @@ def test_a_saved_lora_does_not_depend_on_the_hash_seed(tmp_path):
               "torch.manual_seed(0); p = load_pocket_policy(train_mode='lora', lora_rank=4, lora_alpha=8.0)\n"
               "p.save_adapter(sys.argv[1])\n")
     saved = []
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True, env=env)
         with safe_open(tmp_path / seed / "pytorch_lora_weights.safetensors", "pt") as f:

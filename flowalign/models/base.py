@@ -495,7 +495,7 @@ class Policy:
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name="default")
-        # peft keeps target_modules as a set: sorted, the file's bytes do not depend on the hash seed
+        # peft keeps target_modules as a set: sorted, the saved metadata does not depend on the hash seed
         metadata = {k: sorted(v) if isinstance(v, set) else v
                     for k, v in self.denoiser.peft_config["default"].to_dict().items()}
         type(self.pipe).save_lora_weights(
