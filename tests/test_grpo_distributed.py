@@ -3,14 +3,13 @@ gathered, backward, gradient accumulation, optimizer step, EMA) under ``torch.di
 the same weights after every optimizer step as one process updating on the same images."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from _launch import run_launched
 
 from flowalign.config import ConfigError, load_config
 from flowalign.grpo.config import Sizes
@@ -89,11 +88,9 @@ def _launch_two(tmp_path: Path, cfg: dict) -> list[dict]:
     path.write_text(yaml.safe_dump(cfg))
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(path), str(tmp_path / "out")]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_launched(cmd, cwd=ROOT, timeout=300)
     return [torch.load(tmp_path / f"out.{r}.pt", weights_only=False) for r in (0, 1)]
 
 

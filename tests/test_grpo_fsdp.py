@@ -4,14 +4,13 @@ EMA trains on shards exactly as one process does on the same images; checkpoints
 weights and the sharded optimizer state, a resume is exact, and the final export is a whole diffusers
 transformer folder, not a shard; LoRA on shards exports a LoRA the stock pipeline loads; FSDP1 is refused."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from _launch import run_launched
 from test_grpo_distributed import _BATCH_FIELDS, _joined
 
 from flowalign.models.testing import MAX_SEQUENCE_LENGTH, force_hub_offline, tiny_pipeline_dir
@@ -127,12 +126,10 @@ def test_fsdp2_full_finetuning_saves_whole_weights_and_resumes_exactly(tmp_path)
     cfg.write_text(yaml.safe_dump(fsdp_config(tmp_path)))
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/fsdp_full_ft.yaml"), "--num_processes", "2", str(script), str(cfg),
            str(tmp_path)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    res = run_launched(cmd, cwd=ROOT, timeout=600)
     assert "resumed from" in res.stdout
     out = torch.load(tmp_path / "result.pt", weights_only=False)
     assert out["world"] == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _launch import run_launched
 
 from flowalign.config import ConfigError, load_config
 from flowalign.grpo.advantages import multi_reward_advantages
@@ -309,11 +310,9 @@ def test_two_processes_compute_the_advantages_of_the_whole_groups(tmp_path):
     path = write_yaml(tmp_path / "dist.yaml", cfg)
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(path), str(tmp_path / "out")]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_launched(cmd, cwd=ROOT, timeout=300)
     parts = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
     assert [p["world"] for p in parts] == [2, 2]
     gids = torch.tensor(parts[0]["group_ids"] + parts[1]["group_ids"])
