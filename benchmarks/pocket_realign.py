@@ -149,25 +149,27 @@ def run_preset(config: str, overrides: list[str], base: Path, seed: int, out: Pa
     rewards = [r["reward/total/mean"] for r in rows if "reward/total/mean" in r]
     thirds = [rewards[i * len(rewards) // 3:(i + 1) * len(rewards) // 3] for i in range(3)]
     iter_s = [r["time/iteration_s"] for r in rows if "time/iteration_s" in r]
-    diag = {k: float(f"{_mean([r[k] for r in rows if k in r]):.3g}")
+    diag = {k: float(f"{_mean(values):.3g}")
             for k in ("train/approx_kl", "train/clipfrac", "train/ratio_mean", "train/adv_abs_mean",
-                      "train/zero_std_frac", "train/grad_norm")}
+                      "train/zero_std_frac", "train/grad_norm")
+            if (values := [r[k] for r in rows if k in r])}  # an objective without ratios logs none
     with trainer.local_denoiser() as policy, trainer.state.ema_weights():
         final = held_out(policy, prompts)
-    return {"seed": seed, "train_wall_s": round(train_s, 1), "iteration_s_mean": round(_mean(iter_s), 2),
-            "quick_eval_curve": curve, "train_reward_by_thirds": [round(_mean(t), 4) for t in thirds],
+    return {"seed": seed, "train_wall_s": round(train_s, 1), "iteration_s_mean": round(_mean(iter_s), 2) if iter_s else None,
+            "quick_eval_curve": curve, "train_reward_by_thirds": [round(_mean(t), 4) if t else None for t in thirds],
             "train_diagnostics_mean": diag, "final": final}
 
 
 def _mean(v) -> float:
-    return sum(v) / len(v) if v else float("nan")
+    return sum(v) / len(v)
 
 
 def mean_se(values: list[float]) -> dict:
+    """Mean and standard error over seeds (``se`` None for one seed: the JSON holds no NaN)."""
     n = len(values)
     m = _mean(values)
-    se = math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1) / n) if n > 1 else float("nan")
-    return {"mean": round(m, 4), "se": round(se, 4), "n": n}
+    se = round(math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1) / n), 4) if n > 1 else None
+    return {"mean": round(m, 4), "se": se, "n": n}
 
 
 def main(argv=None) -> int:
