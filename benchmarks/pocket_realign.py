@@ -36,8 +36,9 @@ is not reached.
 
 Measured (2026-12-01, the rebuilt world's shipped model, CFG 2.0): build 584 s; bed 0.5625 overall (colors
 0.688, two_object 0.844; shipped base 0.552, colors 0.797); supervised bound 0.703 / 0.740 after 2.5 / 5
-minutes; the main job (``configs/pocket/nft.yaml``, DiffusionNFT), seed 0: 0.711 (colors 0.938) in 1 124 s
-of training.
+minutes; the main job (``configs/pocket/nft.yaml``, DiffusionNFT), seeds 0 / 1 / 2: 0.711 / 0.742 / 0.727
+(colors 0.938 / 1.000 / 0.891; mean 0.727 ± 0.009, colors 0.943 ± 0.032) in 901–1 124 s of training
+(``docs/pocket_realign_v12.json``).
 """
 
 from __future__ import annotations
