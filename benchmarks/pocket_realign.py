@@ -161,7 +161,8 @@ def run_preset(config: str, overrides: list[str], base: Path, seed: int, out: Pa
             if (values := [r[k] for r in rows if k in r])}  # an objective without ratios logs none
     with trainer.local_denoiser() as policy, trainer.state.ema_weights():
         final = held_out(policy, prompts)
-    return {"seed": seed, "train_wall_s": round(train_s, 1), "iteration_s_mean": round(_mean(iter_s), 2) if iter_s else None,
+    return {"seed": seed, "train_wall_s": round(train_s, 1),
+            "iteration_s_mean": round(_mean(iter_s), 2) if iter_s else None,
             "quick_eval_curve": curve, "train_reward_by_thirds": [round(_mean(t), 4) if t else None for t in thirds],
             "train_diagnostics_mean": diag, "final": final}
 
