@@ -27,13 +27,15 @@ def run_launched(cmd: list[str], *, cwd: Path, timeout: float) -> subprocess.Com
     """Run ``cmd`` (a launcher command) with one thread per process and the hub offline; the completed process,
     or an ``AssertionError`` that shows the end of its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
-    for attempt in (1, 2):
-        res = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-        if res.returncode == 0:
-            return res
-        if attempt == 1 and TEARDOWN_ABORT in res.stderr:
-            warnings.warn(f"a launched process was aborted ({TEARDOWN_ABORT!r}); launched once more. Its output:\n"
-                          + _tail(res), stacklevel=2)
-            continue
+
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+    res = launch()
+    if res.returncode != 0 and TEARDOWN_ABORT in res.stderr:
+        warnings.warn(f"a launched process was aborted ({TEARDOWN_ABORT!r}); launched once more. Its output:\n"
+                      + _tail(res), stacklevel=2)
+        res = launch()
+    if res.returncode != 0:
         raise AssertionError(_tail(res))
-    raise AssertionError("unreachable")
+    return res
