@@ -72,21 +72,18 @@ def test_the_commands_in_the_files_name_recipes_that_exist(name):
 def test_the_ddp_launch_file_runs_flowalign_train(tmp_path):
     """The README's command with the single-node file, on 2 CPU processes (``--num_processes`` overrides the
     file's 8; without GPUs accelerate runs them on gloo): the run splits its images over both and exports."""
-    import os
-    import subprocess
     import sys
 
     import yaml
+    from _launch import run_launched
     from test_grpo_distributed import ddp_config
 
     cfg = ddp_config(tmp_path, num_iterations=1)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FILES / "ddp_8gpu.yaml"),
            "--num_processes", "2", "-m", "flowalign", "train", str(path)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    res = run_launched(cmd, cwd=ROOT, timeout=300)
     assert "processes=2" in res.stdout and "units_per_process=8" in res.stdout
     assert (tmp_path / "run/final/lora/pytorch_lora_weights.safetensors").is_file()
 
