@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -25,8 +28,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def _finite_json(obj, where: str, bad: list[str]):
+    """``obj`` with every non-finite number (NaN, ±inf; Python, numpy or 0-d tensor scalars) replaced by
+    ``None``; the places replaced are appended to ``bad`` as ``key/index`` paths."""
+    if isinstance(obj, dict):
+        return {k: _finite_json(v, f"{where}/{k}", bad) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v, f"{where}/{i}", bad) for i, v in enumerate(obj)]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, (bool, numbers.Integral)) and not math.isfinite(obj):
+        bad.append(where or "/")
+        return None
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Strict JSON (no ``NaN``/``Infinity`` tokens, which other readers reject): a non-finite number is
+    written as ``null`` with a warning naming where it was, so a diverged metric never reaches a file."""
+    bad: list[str] = []
+    clean = _finite_json(obj, "", bad)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{path}: non-finite values written as null at {', '.join(bad[:5])}{more}", stacklevel=2)
+    return atomic_write_text(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager
