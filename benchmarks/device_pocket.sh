@@ -4,6 +4,8 @@
 #   MODE=smoke bash benchmarks/device_pocket.sh      # a minute: timings of one unit of each job
 #   MODE=full  bash benchmarks/device_pocket.sh      # the sweeps
 #   MODE=round3 bash benchmarks/device_pocket.sh    # CARINOX and Flow-GRPO variants at 1024 images/iteration
+#   MODE=main  bash benchmarks/device_pocket.sh      # the README's main job (nft.yaml): seed 0 alone (its GPU
+#                                                   # wall time; target <= 2 min of training), then seeds 1, 2 side by side
 # Results land in ${OUT:-/tmp/device_out}/results.txt (one JSON summary per job) and logs.txt.
 # Needs diffusers, open_clip_torch, omegaconf (carried as wheels on the device machine).
 # Measured on an H100 (2026-11-27): docs/device_h100_pocket.json, summarised in the README. Thirteen
@@ -22,6 +24,11 @@ if [ "$MODE" = smoke ]; then
   job n_smoke $NO --batch-size 384 --limit-per-category ${LPC:-64} --iterations 3 --reward-views 4 --methods reno,best_of_n
   job g_smoke $GR run.output_dir=/tmp/g_smoke train.num_iterations=2 train.prompts_per_iteration=64 train.micro_batch_size=256 eval.every=2
   job g_bf16 $GR run.output_dir=/tmp/g_bf16 train.num_iterations=1 train.mixed_precision=bf16 eval.every=1
+elif [ "$MODE" = main ]; then
+  MJ="$PY benchmarks/grpo_pocket.py --config configs/pocket/nft.yaml"
+  job main_s0 $MJ --out $OUT/main_s0 model.device=$DEV run.seed=0 eval.every=10; wait
+  job main_s1 $MJ --out $OUT/main_s1 model.device=$DEV run.seed=1 eval.every=10
+  job main_s2 $MJ --out $OUT/main_s2 model.device=$DEV run.seed=2 eval.every=10
 elif [ "$MODE" = round3 ]; then
   job n_car10_s0 $NO --batch-size 192 --reward-views 4 --methods carinox --carinox-seeds 10
   job n_car10_lr05_s0 $NO --batch-size 192 --reward-views 4 --lr 0.05 --methods carinox --carinox-seeds 10
