@@ -29,13 +29,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def _finite_json(obj, where: str, bad: list[str]):
-    """``obj`` with every non-finite number (NaN, ±inf; Python, numpy or 0-d tensor scalars) replaced by
-    ``None``; the places replaced are appended to ``bad`` as ``key/index`` paths."""
+    """``obj`` with every non-finite float (NaN, ±inf; Python or numpy) replaced by ``None``; the places
+    replaced are appended to ``bad`` as ``key/index`` paths. Integers (bools among them) are left alone."""
     if isinstance(obj, dict):
         return {k: _finite_json(v, f"{where}/{k}", bad) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite_json(v, f"{where}/{i}", bad) for i, v in enumerate(obj)]
-    if isinstance(obj, numbers.Real) and not isinstance(obj, (bool, numbers.Integral)) and not math.isfinite(obj):
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral) and not math.isfinite(obj):
         bad.append(where or "/")
         return None
     return obj
